@@ -1,0 +1,307 @@
+"""MiniMind: a small decoder-only LM (RMSNorm pre-norm, RoPE/YaRN, GQA via SDPA, SwiGLU or MoE).
+
+Read top to bottom in forward order: norm -> rotary -> attention -> feed-forward (dense / MoE) ->
+decoder layer -> model -> causal-LM head. The KV cache is any object with HF's
+`update(k, v, layer_idx) -> (k_all, v_all)` and `get_seq_length()`: transformers' `DynamicCache`
+for `generate()`, or `vlm.generation.StaticKVCache` for our lean decode loop.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+from .configuration_minimind import MiniMindConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 for stability under bf16 autocast, return in the input dtype.
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def rope_inv_freq(config: MiniMindConfig) -> tuple[torch.Tensor, float]:
+    """Inverse RoPE frequencies, and the attention scale YaRN applies to cos/sin (1.0 without YaRN)."""
+    scaling = config.rope_parameters
+    dim, base = config.head_dim, scaling["rope_theta"]
+    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    if scaling.get("rope_type", "default") != "yarn":
+        return inv_freq, 1.0
+    # YaRN (Peng et al. 2023): keep high-frequency dims, interpolate low-frequency ones, ramp between.
+    factor = float(scaling["factor"])
+    orig = scaling.get("original_max_position_embeddings", config.max_position_embeddings)
+    beta_fast, beta_slow = scaling.get("beta_fast", 32.0), scaling.get("beta_slow", 1.0)
+
+    def correction_dim(n_rot: float) -> float:
+        return dim * math.log(orig / (n_rot * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim // 2 - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    return inv_freq, 0.1 * math.log(factor) + 1.0
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate halves: x [B, H, T, D], cos/sin [B, 1, T, D]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query attention through `scaled_dot_product_attention` (flash/mem-efficient kernels)."""
+
+    def __init__(self, config: MiniMindConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        out = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None and t > 1,
+            enable_gqa=self.n_kv != self.n_heads,
+        )
+        return self.resid_dropout(self.o_proj(out.transpose(1, 2).reshape(b, t, -1)))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: MiniMindConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class MoEFeedForward(nn.Module):
+    """Top-k routed SwiGLU experts (+ optional always-on shared experts) with a load-balancing loss."""
+
+    def __init__(self, config: MiniMindConfig):
+        super().__init__()
+        self.top_k, self.n_experts = config.num_experts_per_tok, config.num_experts
+        self.norm_topk_prob, self.alpha = config.norm_topk_prob, config.aux_loss_alpha
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(FeedForward(config) for _ in range(config.num_experts))
+        self.shared_experts = nn.ModuleList(FeedForward(config) for _ in range(config.n_shared_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        probs = F.softmax(self.gate(flat).float(), dim=-1)  # [N, E]
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # [N, k]
+        if self.top_k > 1 and self.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        out = torch.zeros_like(flat)
+        # One gather/scatter per expert (E is small), no Python loop over tokens.
+        for e, expert in enumerate(self.experts):
+            token_idx, slot = (chosen == e).nonzero(as_tuple=True)
+            if token_idx.numel():
+                y = expert(flat[token_idx]) * weights[token_idx, slot, None].to(flat.dtype)
+                out.index_add_(0, token_idx, y.to(out.dtype))
+        for shared in self.shared_experts:
+            out = out + shared(flat)
+        # Switch-Transformer balance loss: E * sum_e(fraction routed to e * mean router prob of e).
+        if self.training and self.alpha > 0:
+            frac = F.one_hot(chosen, self.n_experts).float().sum(1).mean(0) / self.top_k
+            aux = self.alpha * self.n_experts * (frac * probs.mean(0)).sum()
+        else:
+            aux = flat.new_zeros((), dtype=torch.float32)
+        return out.view(shape), aux
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: MiniMindConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoEFeedForward(config) if config.use_moe else FeedForward(config)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        h = self.mlp(self.post_attention_layernorm(x))
+        if isinstance(h, tuple):
+            h, aux = h
+            return x + h, aux
+        return x + h, None
+
+
+class MiniMindPreTrainedModel(PreTrainedModel):
+    config_class = MiniMindConfig
+    config: MiniMindConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["DecoderLayer"]
+    _supports_sdpa = True
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """HF loading, but a checkpoint whose keys or shapes do not match the config is an error.
+
+        (A silent partial load, `strict=False`, cost peer users whole training runs.)
+        """
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = {k: sorted(map(str, v)) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")
+                    if (v := info.get(k))}
+        if problems:
+            raise ValueError(f"checkpoint {args[0] if args else ''} does not match {cls.__name__}'s config: {problems}")
+        return (model, info) if want_info else model
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+
+class MiniMindModel(MiniMindPreTrainedModel):
+    """Embeddings + decoder stack + final norm; returns hidden states, the cache and the MoE aux loss."""
+
+    def __init__(self, config: MiniMindConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # A plain attribute, not a buffer: it is derived from the config, never saved, and must not be
+        # left uninitialised by from_pretrained's meta-device construction.
+        self.inv_freq, self.rope_attention_scale = rope_inv_freq(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        if self.inv_freq.device != position_ids.device:  # moved, or built on the meta device by from_pretrained
+            self.inv_freq = rope_inv_freq(self.config)[0].to(position_ids.device)
+        freqs = position_ids[:, None, :, None].float() * self.inv_freq  # [B, 1, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        scale = self.rope_attention_scale
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+    @staticmethod
+    def attention_mask_4d(attention_mask: torch.Tensor | None, q_len: int, past: int, device) -> torch.Tensor | None:
+        """Boolean [B, 1, q, k] mask (True = attend), or None when plain causal attention suffices."""
+        if attention_mask is None or bool(attention_mask.all()):
+            if past == 0 or q_len == 1:
+                return None  # SDPA's is_causal (or attend-to-all for a single new token)
+            attention_mask = None
+        k_len = past + q_len
+        q_pos = torch.arange(past, k_len, device=device)[:, None]
+        k_pos = torch.arange(k_len, device=device)[None, :]
+        allowed = (k_pos <= q_pos)[None, None]  # [1, 1, q, k] causal
+        if attention_mask is None:
+            return allowed
+        keys = attention_mask[:, -k_len:].bool()[:, None, None, :]
+        # The diagonal stays allowed so that a padding query never has an all-masked (NaN) row.
+        return (allowed & keys) | (k_pos == q_pos)[None, None]
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        b, t = x.shape[:2]
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            if attention_mask is not None and not bool(attention_mask.all()):
+                # Left padding: positions count real tokens only, so a padded prompt equals an unpadded one.
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]
+            else:
+                position_ids = torch.arange(past, past + t, device=x.device)[None].expand(b, -1)
+        cos, sin = self.rotary(position_ids, x.dtype if not torch.is_autocast_enabled(x.device.type)
+                               else torch.get_autocast_dtype(x.device.type))
+        mask = self.attention_mask_4d(attention_mask, t, past, x.device)
+        x = self.dropout(x)
+        aux_total = None
+        for layer in self.layers:
+            x, aux = layer(x, cos, sin, mask, past_key_values)
+            if aux is not None:
+                aux_total = aux if aux_total is None else aux_total + aux
+        return self.norm(x), past_key_values, aux_total
+
+
+class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MiniMindConfig):
+        super().__init__(config)
+        self.model = MiniMindModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> MoeCausalLMOutputWithPast:
+        hidden, cache, aux = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            if aux is not None:
+                loss = loss + aux
+        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux, logits=logits,
+                                         past_key_values=cache if use_cache or past_key_values is not None else None)
