@@ -1,0 +1,54 @@
+"""Tokenizer training, special ids, chat template and the image placeholder."""
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from training.train_tokenizer import main as train_main
+from vlm.tokenizer import BOS_ID, EOS_ID, IMAGE_ID, IMAGE_TOKEN, PAD_ID, load_tokenizer, render_chat
+
+TEXTS = ["The blue fox lives in Amber Town.", "蓝色的狐狸住在琥珀镇。", "email me @ home, 12 + 30 = 42"] * 30
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tok")
+    data = root / "pretrain.jsonl"
+    data.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in TEXTS), encoding="utf-8")
+    sft = root / "sft.jsonl"
+    sft.write_text(json.dumps({"conversations": [{"role": "user", "content": "hi"},
+                                                 {"role": "assistant", "content": "hello"}]}) + "\n")
+    train_main(["--data", str(root), "--out", str(root / "tok"), "--vocab-size", "400"])
+    return root / "tok"
+
+
+def test_loads_with_autotokenizer_and_special_ids(tok_dir):
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (PAD_ID, BOS_ID, EOS_ID)
+    assert tok.convert_tokens_to_ids(IMAGE_TOKEN) == IMAGE_ID
+    assert len(tok) <= 400 + 8  # vocab incl. the structural tag tokens
+    text = "蓝色的狐狸 and the blue fox 42"
+    assert tok.decode(tok(text).input_ids) == text  # byte-level: lossless round trip
+
+
+def test_chat_template_equals_python_renderer(tok_dir):
+    tok = load_tokenizer(tok_dir)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where?"},
+            {"role": "assistant", "content": "Amber Town."}, {"role": "tool", "content": "{}"}]
+    for gen in (False, True):
+        assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen) == render_chat(msgs, gen)
+    with pytest.raises(ValueError, match="unknown role"):
+        render_chat([{"role": "robot", "content": "x"}])
+
+
+def test_literal_at_sign_is_not_an_image_slot(tok_dir):
+    tok = load_tokenizer(tok_dir)
+    ids = tok("mail @ home @@@").input_ids
+    assert IMAGE_ID not in ids
+    slots = tok(IMAGE_TOKEN * 5).input_ids
+    assert slots == [IMAGE_ID] * 5  # a run of N placeholders is exactly N ids
+
+
+def test_digits_are_single_tokens(tok_dir):
+    tok = load_tokenizer(tok_dir)
+    assert tok.convert_ids_to_tokens(tok("2026").input_ids) == ["2", "0", "2", "6"]

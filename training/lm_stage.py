@@ -1,0 +1,87 @@
+"""What the text stages (pretrain, SFT) share: CLI, model construction and the causal-LM loss.
+
+Both stages are the shared Trainer plus: a dataset class, the masked next-token loss, and a folder
+that holds model + tokenizer. `training.pretrain` and `training.sft` only pick the dataset.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from training.cli import add_common_args, config_from_args
+from training.presets import get_preset
+from training.trainer import LossOutput, Trainer
+from vlm import MiniMindConfig, MiniMindForCausalLM
+from vlm.tokenizer import load_tokenizer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def causal_lm_loss(model, batch: dict) -> LossOutput:
+    """Summed next-token cross-entropy over supervised (label != -100) positions, plus the MoE aux loss."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    labels = batch["labels"][:, 1:]
+    logits = out.logits[:, :-1]
+    keep = labels != -100
+    # Only supervised rows reach the (vocab-wide) softmax: SFT masks most positions.
+    loss_sum = F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum")
+    return LossOutput(loss_sum=loss_sum, count=int(keep.sum()), aux=out.aux_loss)
+
+
+def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m training.{stage}", description=description)
+    add_common_args(p)
+    p.add_argument("--tokenizer", help="tokenizer folder (default: --init, else DATA/tokenizer)")
+    p.add_argument("--max-len", type=int, help="truncate samples to this many tokens (default: from preset)")
+    p.add_argument("--moe", action="store_true", help="mixture-of-experts feed-forward for a new model")
+    return p
+
+
+def parse_with_preset(parser: argparse.ArgumentParser, stage: str, argv: list[str] | None):
+    """Parse twice: the preset named on the command line supplies the defaults of the second pass."""
+    known, _ = parser.parse_known_args(argv)
+    preset = get_preset(known.preset)
+    parser.set_defaults(**preset[stage], max_len=preset["max_len"])
+    return parser.parse_args(argv), preset
+
+
+def resolve_data_file(data: str, name: str) -> Path:
+    path = Path(data)
+    path = path / name if path.is_dir() else path
+    if not path.is_file():
+        raise SystemExit(f"--data: {path} does not exist (expected a jsonl file or a folder holding {name})")
+    return path
+
+
+def build_model(args, preset: dict, tokenizer) -> MiniMindForCausalLM:
+    if args.init:
+        return MiniMindForCausalLM.from_pretrained(args.init)
+    cfg = MiniMindConfig(vocab_size=len(tokenizer), max_position_embeddings=max(args.max_len, 2048),
+                         use_moe=args.moe, **preset["model"])
+    return MiniMindForCausalLM(cfg)
+
+
+def run_lm_stage(stage: str, dataset_cls, data_name: str, argv: list[str] | None, description: str) -> dict:
+    parser = build_parser(stage, description)
+    args, preset = parse_with_preset(parser, stage, argv)
+    data_file = resolve_data_file(args.data, data_name)
+    tok_dir = Path(args.tokenizer or args.init or Path(args.data if Path(args.data).is_dir() else data_file.parent) / "tokenizer")
+    tokenizer = load_tokenizer(tok_dir)
+    torch.manual_seed(args.seed)
+    model = build_model(args, preset, tokenizer)
+    dataset = dataset_cls(data_file, tokenizer, args.max_len)
+
+    def save(m, out_dir):
+        m.save_pretrained(out_dir)
+        for name in TOKENIZER_FILES:
+            if (tok_dir / name).is_file():
+                shutil.copy(tok_dir / name, Path(out_dir) / name)
+
+    from data.collate import pad_collate
+
+    trainer = Trainer(model, dataset, pad_collate, causal_lm_loss, config_from_args(args), save_fn=save)
+    return trainer.train()

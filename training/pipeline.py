@@ -1,0 +1,115 @@
+"""Every stage in order: `python -m training.pipeline --preset {micro,tiny,small} --out DIR`.
+
+synth -> tokenizer -> pretrain -> sft -> evaluate, each in its own sub-folder of DIR; writes
+DIR/report.json (flat metric names, stage wall times) and DIR/report.md (tables + loss plots).
+A stage whose output folder already holds a finished model is skipped unless --force is given,
+so an interrupted pipeline continues where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from training.presets import get_preset
+
+
+def _done(folder: Path, marker: str) -> bool:
+    return (folder / marker).exists()
+
+
+def build_steps(out: Path, preset_name: str, seed: int, extra: list[str]) -> list[tuple[str, str, Callable[[], dict | None]]]:
+    """(name, marker file that proves it finished, function) for each stage."""
+    preset = get_preset(preset_name)
+    world, tok = out / "world", out / "world" / "tokenizer"
+    common = ["--preset", preset_name, "--seed", str(seed), *extra]
+
+    def synth():
+        from data.synth.__main__ import main as synth_main
+        synth_main(["--out", str(world), "--seed", str(seed), "--scale", preset["synth_scale"]])
+
+    def tokenizer():
+        from training.train_tokenizer import main as tok_main
+        tok_main(["--data", str(world), "--out", str(tok), "--vocab-size", str(preset["vocab_size"])])
+
+    def pretrain():
+        from training.pretrain import main as pretrain_main
+        return pretrain_main(["--data", str(world), "--out", str(out / "pretrain"), *common])
+
+    def sft():
+        from training.sft import main as sft_main
+        return sft_main(["--data", str(world), "--init", str(out / "pretrain"), "--out", str(out / "sft"), *common])
+
+    def evaluate():
+        from training.evaluate import evaluate as run_eval
+        metrics = run_eval(out / "sft", world, limit=preset["eval_limit"], samples_out=out / "eval_samples.jsonl")
+        base = run_eval(out / "pretrain", world, limit=preset["eval_limit"], tasks=("ppl",))
+        metrics["lm.pretrain_ppl"] = base.get("lm.ppl", float("nan"))
+        (out / "eval.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
+        return metrics
+
+    return [
+        ("synth", "world/manifest.json", synth),
+        ("tokenizer", "world/tokenizer/tokenizer.json", tokenizer),
+        ("pretrain", "pretrain/model.safetensors", pretrain),
+        ("sft", "sft/model.safetensors", sft),
+        ("evaluate", "eval.json", evaluate),
+    ]
+
+
+def write_report(out: Path, preset: str, timings: dict[str, float], metrics: dict[str, float]) -> dict:
+    report = {"preset": preset, **{f"time.{k}_s": round(v, 1) for k, v in timings.items()},
+              "time.total_s": round(sum(timings.values()), 1), **metrics}
+    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    lines = [f"# Pipeline report: preset `{preset}`", "", "| metric | value |", "| --- | --- |"]
+    lines += [f"| `{k}` | {v:.4g} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in report.items()]
+    lines += ["", "## Loss curves", ""]
+    for stage in ("pretrain", "sft"):
+        if (out / stage / "loss.png").is_file():
+            lines += [f"### {stage}", "", f"![{stage} loss]({stage}/loss.png)", ""]
+    if (out / "eval_samples.jsonl").is_file():
+        lines += ["## Sample answers (held-out)", "", "| set | question | expected | model |", "| --- | --- | --- | --- |"]
+        with open(out / "eval_samples.jsonl", encoding="utf-8") as fh:
+            for line in list(fh)[:12]:
+                s = json.loads(line)
+                cells = [s["set"], s["prompt"][-80:], s["answer"], s["output"]]
+                lines.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells) + " |")
+    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m training.pipeline", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--force", action="store_true", help="rerun stages that already finished")
+    p.add_argument("--device", default=None, help="passed to every training stage (cpu, cuda, auto)")
+    p.add_argument("--dtype", default=None, help="passed to every training stage (fp32, bf16, auto)")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    extra = [f for flag, val in (("--device", args.device), ("--dtype", args.dtype)) if val for f in (flag, val)]
+    timings_file = out / "timings.json"
+    timings = json.loads(timings_file.read_text()) if timings_file.is_file() and not args.force else {}
+    metrics: dict[str, float] = {}
+    for name, marker, fn in build_steps(out, args.preset, args.seed, extra):
+        if not args.force and _done(out, marker):
+            print(f"[pipeline] {name}: already done ({marker}), skipping")
+        else:
+            print(f"[pipeline] {name} ...", flush=True)
+            t0 = time.perf_counter()
+            fn()
+            timings[name] = time.perf_counter() - t0
+            timings_file.write_text(json.dumps(timings, indent=2))
+    if (out / "eval.json").is_file():
+        metrics = json.loads((out / "eval.json").read_text(encoding="utf-8"))
+    report = write_report(out, args.preset, timings, metrics)
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+    return report
+
+
+if __name__ == "__main__":
+    main()

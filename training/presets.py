@@ -1,0 +1,45 @@
+"""Named sizes: model shape, tokenizer vocabulary, synthetic-world scale and per-stage defaults.
+
+`micro` checks the plumbing in a couple of minutes (CI); `tiny` learns the synthetic world on a
+2-core CPU in about 20 minutes; `small` is MiniMind's 26M shape for a GPU or a long CPU run.
+Every value here is only a default: the stage flags override it.
+"""
+from __future__ import annotations
+
+PRESETS: dict[str, dict] = {
+    "micro": {
+        "synth_scale": "micro",
+        "vocab_size": 600,
+        "max_len": 192,
+        "model": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+        "pretrain": dict(max_steps=40, batch_size=8, lr=3e-3, warmup_steps=4),
+        "sft": dict(max_steps=40, batch_size=8, lr=2e-3, warmup_steps=4),
+        "eval_limit": 16,
+    },
+    "tiny": {
+        "synth_scale": "tiny",
+        "vocab_size": 2048,
+        "max_len": 256,
+        "model": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
+        "pretrain": dict(max_steps=1200, batch_size=16, lr=2e-3, warmup_steps=60),
+        "sft": dict(max_steps=600, batch_size=16, lr=1e-3, warmup_steps=30),
+        "eval_limit": 200,
+    },
+    "small": {
+        "synth_scale": "small",
+        "vocab_size": 6400,
+        "max_len": 512,
+        "model": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2),
+        "pretrain": dict(epochs=2, batch_size=32, lr=5e-4, warmup_steps=200),
+        "sft": dict(epochs=2, batch_size=32, lr=2e-4, warmup_steps=100),
+        "eval_limit": 500,
+    },
+}
+
+
+def get_preset(name: str | None) -> dict:
+    """The preset called `name` (default `tiny`), with a clear error for unknown names."""
+    name = name or "tiny"
+    if name not in PRESETS:
+        raise SystemExit(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
