@@ -153,3 +153,69 @@ def test_gqa_and_tied_embeddings():
     attn = model.model.layers[0].self_attn
     assert attn.k_proj.out_features == attn.q_proj.out_features // 2
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe", "yarn"])
+def test_lean_decode_step_matches_module_forward(kind):
+    from vlm.generation import LeanDecoder, StaticKVCache
+
+    yarn = {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}}
+    model = tiny(kind == "moe", **(yarn if kind == "yarn" else {}))
+    cfg, core = model.config, model.model
+    prompt = torch.randint(4, VOCAB, (2, 7))
+    caches = [StaticKVCache(cfg.num_hidden_layers, 2, cfg.num_key_value_heads, 20, cfg.head_dim, "cpu", torch.float32)
+              for _ in range(2)]
+    positions = torch.arange(7)[None].expand(2, -1)
+    with torch.inference_mode():
+        for cache in caches:
+            core(prompt, None, positions, cache)
+        lean = LeanDecoder(model, caches[0], torch.arange(7, 20)[None].expand(2, -1), torch.float32)
+        tok = prompt[:, -1]
+        for step in range(10):
+            want = model.lm_head(core(tok[:, None], None, torch.full((2, 1), 7 + step), caches[1])[0][:, -1])
+            got = lean.step(tok, step, None)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+            tok = want.argmax(-1)
+
+
+def test_fast_generate_sees_updated_weights():
+    model = tiny()
+    prompt = torch.randint(4, VOCAB, (1, 6))
+    fast_generate(model, prompt, 8, eos_token_id=-1)  # builds the cached decode-layout weights
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(-3.0)
+        model.lm_head.weight.add_(0.05 * torch.randn_like(model.lm_head.weight))
+    hf = model.generate(prompt, max_new_tokens=24, min_new_tokens=24, do_sample=False)[:, 6:]
+    assert torch.equal(fast_generate(model, prompt, 24, eos_token_id=-1), hf)
+
+
+def test_bf16_linear_workaround_matches_autocast():
+    """The fp32-GEMM route for bf16 autocast (used on CPUs without bf16 kernels) gives autocast's result."""
+    from vlm.modeling_minimind import _Bf16LinearViaFp32
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    w = torch.randn(96, 64, requires_grad=True)
+    g = torch.randn(3, 5, 96).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torch.nn.functional.linear(x, w)
+        ours = _Bf16LinearViaFp32.apply(x, w)
+    assert ours.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=1e-2, atol=1e-2)
+    ref_grads = torch.autograd.grad(ref, (x, w), g)
+    our_grads = torch.autograd.grad(ours, (x, w), g)
+    for a, b in zip(our_grads, ref_grads):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_rmsnorm_inference_shortcut_is_bit_identical():
+    from vlm.modeling_minimind import RMSNorm
+
+    norm = RMSNorm(96)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 11, 96) * 3
+    with torch.no_grad():
+        fast = norm(x)
+    assert torch.equal(fast, norm(x).detach())

@@ -2,7 +2,9 @@
 
 Prints one JSON object with flat metric names (`lm.ppl`, `lm.context_qa_em`, `lm.closed_qa_em`,
 `lm.format_ok`, each also per language as `...{.en,.zh}`), reading the synthetic world's
-`eval/lm_heldout.jsonl`, `eval/context_qa.jsonl` and `eval/closed_qa.jsonl`.
+`eval/lm_heldout.jsonl`, `eval/context_qa.jsonl` and `eval/closed_qa.jsonl`. For a MiniMind-V
+checkpoint and a scenes folder: VQA exact match (`vlm.vqa_acc`, per question type and language, and
+on attribute combinations unseen in training) from `eval/vqa.jsonl`.
 """
 from __future__ import annotations
 
@@ -141,15 +143,41 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, limit: int | None = No
     return dict(sorted(metrics.items()))
 
 
+def is_vlm_checkpoint(model_dir: str | Path) -> bool:
+    config = Path(model_dir) / "config.json"
+    return config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("model_type") == "minimind-v"
+
+
+def evaluate_vlm(model_dir: str | Path, data_dir: str | Path, limit: int | None = None,
+                 samples_out: Path | None = None) -> dict[str, float]:
+    """VQA exact match on DATA/eval/vqa.jsonl (images under DATA/images), overall, per type and language."""
+    from training.sft_vlm import evaluate_vqa, read_vqa
+    from vlm import MiniMindVLM, VLMProcessor
+
+    vqa = Path(data_dir) / "eval" / "vqa.jsonl"
+    if not vqa.is_file():
+        raise SystemExit(f"--data: {vqa} does not exist (a scenes folder written by data.scenes_render)")
+    model = MiniMindVLM.from_pretrained(str(model_dir)).eval()
+    metrics, samples = evaluate_vqa(model, VLMProcessor.from_pretrained(str(model_dir)), read_vqa(vqa, limit),
+                                    Path(data_dir) / "images")
+    if samples_out is not None:
+        with open(samples_out, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="checkpoint folder (model + tokenizer)")
-    p.add_argument("--data", required=True, help="synthetic world folder (with eval/)")
+    p.add_argument("--model", required=True, help="checkpoint folder (model + tokenizer); a MiniMind-V folder gets VQA")
+    p.add_argument("--data", required=True, help="synthetic world folder (with eval/), or a scenes folder for a VLM")
     p.add_argument("--limit", type=int, default=None, help="at most this many items per eval file")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--samples", type=Path, default=None, help="write prompts, answers and outputs here (jsonl)")
     args = p.parse_args(argv)
-    metrics = evaluate(args.model, args.data, args.limit, args.max_new_tokens, args.samples)
+    if is_vlm_checkpoint(args.model):
+        metrics = evaluate_vlm(args.model, args.data, args.limit, args.samples)
+    else:
+        metrics = evaluate(args.model, args.data, args.limit, args.max_new_tokens, args.samples)
     print(json.dumps(metrics, indent=2, ensure_ascii=False))
     return metrics
 

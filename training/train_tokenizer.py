@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     data = Path(args.data)
     files = sorted(data.rglob("*.jsonl")) if data.is_dir() else [data]
     # Held-out evaluation files never shape the vocabulary.
-    files = [f for f in files if "eval" not in f.name and "test" not in f.name]
+    files = [f for f in files if "eval" not in f.name and "test" not in f.name
+             and not (data.is_dir() and {"eval", "test"} & set(f.relative_to(data).parts[:-1]))]
     if not files:
         raise SystemExit(f"{data}: no training *.jsonl files")
     out = train_tokenizer(iter_texts(files, args.max_chars), args.out, args.vocab_size)

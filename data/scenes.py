@@ -1,0 +1,340 @@
+"""Synthetic picture world for the vision stages: rendered scenes with captions and Q&A, zh + en.
+
+A scene is one of five kinds, each testing one visual skill with short, exact-match answers:
+- `single`: one shape -> colour, shape, size (small/large), position (left/right/top/bottom/center);
+- `pair`:   two shapes side by side or stacked -> attribute binding ("what colour is the star?");
+- `count`:  1-5 copies of one coloured shape -> counting;
+- `text`:   a short word or digit -> reading;
+- `chart`:  a bar chart of 2-4 coloured bars -> tallest / shortest / how many bars.
+
+Held-out generalisation: the colour+shape pairs in `HELD_OUT_PAIRS` never appear in any training
+image (every colour and every shape still does, with other partners); evaluation scenes use them
+often and are flagged `"unseen_combo": true`.
+
+`write_scene_splits(out_dir, seed, scale)` writes, in minimind-v's formats (image paths are relative
+to `out_dir/images`, like minimind-v's `--images_path`):
+- `clip_pretrain.jsonl`  `{"image", "caption", "lang"}` (one line per image and language)
+- `vlm_pretrain.jsonl`   `{"conversations": [user "<image>\\nDescribe...", assistant caption], "image"}`
+- `vlm_sft.jsonl`        `{"conversations": [user "<image>\\nquestion", assistant answer], "image", "type", "lang"}`
+- `eval/vqa.jsonl`       the same plus `"answer"`, `"lang"`, `"type"`, `"unseen_combo"`
+- `eval/captions.jsonl`  `{"image", "caption", "caption_zh", "kind", "unseen_combo"}` (retrieval eval)
+- `scenes.json`          counts, scale, seed, held-out pairs
+Same seed and scale -> byte-identical files.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data.scenes_render import render
+
+COLOURS: dict[str, tuple[tuple[int, int, int], str]] = {
+    "red": ((220, 40, 40), "红色"),
+    "green": ((40, 165, 60), "绿色"),
+    "blue": ((40, 90, 225), "蓝色"),
+    "yellow": ((235, 200, 25), "黄色"),
+    "purple": ((140, 60, 190), "紫色"),
+    "orange": ((245, 135, 30), "橙色"),
+}
+SHAPES: dict[str, tuple[str, str]] = {  # name -> (English plural, Chinese)
+    "circle": ("circles", "圆形"),
+    "square": ("squares", "正方形"),
+    "triangle": ("triangles", "三角形"),
+    "diamond": ("diamonds", "菱形"),
+    "star": ("stars", "星形"),
+}
+SIZES = {"small": ("小", 0.11), "large": ("大", 0.2)}  # name -> (Chinese, radius as a fraction of the image)
+POSITIONS = {  # name -> (English phrase, Chinese, centre)
+    "left": ("on the left", "左边", (0.26, 0.5)),
+    "right": ("on the right", "右边", (0.74, 0.5)),
+    "top": ("at the top", "上方", (0.5, 0.26)),
+    "bottom": ("at the bottom", "下方", (0.5, 0.74)),
+    "center": ("in the center", "中间", (0.5, 0.5)),
+}
+WORDS = ["cat", "dog", "sun", "car", "box", "hat", "cup", "map", "pen", "bus", "key", "egg"] + list("0123456789")
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five"]
+# Diagonal of the colour x shape table: each shape and each colour is held out at most once.
+HELD_OUT_PAIRS = frozenset({("red", "triangle"), ("green", "star"), ("blue", "circle"),
+                            ("yellow", "square"), ("purple", "diamond")})
+
+SCALES = {  # images per split and pixel size; the SFT set asks several questions per image
+    "micro": dict(train=48, eval=30, size=64),
+    "tiny": dict(train=3000, eval=300, size=64),
+    "small": dict(train=20000, eval=1000, size=96),
+}
+KIND_WEIGHTS = {"single": 3, "pair": 2, "count": 2, "text": 1.5, "chart": 1.5}
+EVAL_UNSEEN_RATE = 0.5  # share of eval object scenes that contain a held-out pair
+
+DESCRIBE = {
+    "en": ["Describe the image.", "What is in this picture?", "Give a short caption for the image."],
+    "zh": ["描述这张图片。", "图片里有什么？", "用一句话描述这张图片。"],
+}
+
+
+@dataclass
+class Obj:
+    shape: str
+    colour: str
+    size: str
+    position: str  # one of POSITIONS, or "" for scattered (count) objects
+    x: float
+    y: float
+    r: float
+
+    @property
+    def rgb(self) -> tuple[int, int, int]:
+        return COLOURS[self.colour][0]
+
+
+@dataclass
+class Scene:
+    kind: str
+    objects: list[Obj] = field(default_factory=list)
+    text: str = ""
+    text_xy: tuple[float, float] = (0.5, 0.5)
+    text_size: float = 0.4
+    text_rgb: tuple[int, int, int] = (20, 20, 20)
+    bars: list[tuple[tuple[int, int, int], float]] = field(default_factory=list)
+    bar_colours: list[str] = field(default_factory=list)
+
+    @property
+    def unseen_combo(self) -> bool:
+        return any((o.colour, o.shape) in HELD_OUT_PAIRS for o in self.objects)
+
+
+# -- sampling -------------------------------------------------------------------------------------
+def _pick_pair(rng: random.Random, split: str, force_unseen: bool) -> tuple[str, str]:
+    if force_unseen:
+        return rng.choice(sorted(HELD_OUT_PAIRS))
+    while True:
+        pair = (rng.choice(list(COLOURS)), rng.choice(list(SHAPES)))
+        if split == "eval" or pair not in HELD_OUT_PAIRS:
+            return pair
+
+
+def _jitter(rng: random.Random, amount: float = 0.04) -> float:
+    return rng.uniform(-amount, amount)
+
+
+def sample_scene(rng: random.Random, split: str, kind: str, force_unseen: bool = False) -> Scene:
+    """A random scene of `kind`; training scenes never contain a held-out colour+shape pair."""
+    if kind == "single":
+        colour, shape = _pick_pair(rng, split, force_unseen)
+        size, pos = rng.choice(list(SIZES)), rng.choice(list(POSITIONS))
+        (cx, cy), r = POSITIONS[pos][2], SIZES[size][1] * rng.uniform(0.9, 1.1)
+        return Scene(kind, [Obj(shape, colour, size, pos, cx + _jitter(rng), cy + _jitter(rng), r)])
+    if kind == "pair":
+        first = _pick_pair(rng, split, force_unseen)
+        while True:
+            second = _pick_pair(rng, split, False)
+            if second[0] != first[0] and second[1] != first[1]:
+                break
+        slots = rng.choice([("left", "right"), ("top", "bottom")])
+        if rng.random() < 0.5:
+            slots = slots[::-1]
+        objs = []
+        for (colour, shape), pos in zip((first, second), slots):
+            cx, cy = POSITIONS[pos][2]
+            objs.append(Obj(shape, colour, "", pos, cx + _jitter(rng, 0.03), cy + _jitter(rng, 0.03),
+                            0.15 * rng.uniform(0.9, 1.1)))
+        return Scene(kind, objs)
+    if kind == "count":
+        colour, shape = _pick_pair(rng, split, force_unseen)
+        n, r = rng.randint(1, 5), 0.085
+        centres: list[tuple[float, float]] = []
+        while len(centres) < n:  # rejection sampling: separated, inside the frame
+            c = (rng.uniform(r + 0.04, 1 - r - 0.04), rng.uniform(r + 0.04, 1 - r - 0.04))
+            if all((c[0] - a) ** 2 + (c[1] - b) ** 2 > (2.6 * r) ** 2 for a, b in centres):
+                centres.append(c)
+        return Scene(kind, [Obj(shape, colour, "", "", x, y, r) for x, y in centres])
+    if kind == "text":
+        word = rng.choice(WORDS)
+        rgb = COLOURS[rng.choice(list(COLOURS))][0] if rng.random() < 0.3 else (20, 20, 20)
+        return Scene(kind, text=word, text_xy=(0.5 + _jitter(rng, 0.06), 0.5 + _jitter(rng, 0.15)),
+                     text_size=(0.42 if len(word) > 1 else 0.55) * rng.uniform(0.9, 1.05), text_rgb=rgb)
+    if kind == "chart":
+        n = rng.randint(2, 4)
+        colours = rng.sample(list(COLOURS), n)
+        while True:  # distinct heights, so tallest and shortest are unambiguous
+            heights = [rng.uniform(0.15, 1.0) for _ in range(n)]
+            ordered = sorted(heights)
+            if all(b - a > 0.12 for a, b in zip(ordered, ordered[1:])):
+                break
+        return Scene(kind, bars=[(COLOURS[c][0], h) for c, h in zip(colours, heights)], bar_colours=colours)
+    raise ValueError(f"unknown scene kind {kind!r}")
+
+
+# -- language ---------------------------------------------------------------------------------------
+def caption(scene: Scene, lang: str) -> str:
+    """One canonical description of the scene (the CLIP / VLM-pretrain target)."""
+    zh = lang == "zh"
+    if scene.kind == "single":
+        o = scene.objects[0]
+        if zh:
+            return f"{POSITIONS[o.position][1]}有一个{SIZES[o.size][0]}的{COLOURS[o.colour][1]}{SHAPES[o.shape][1]}"
+        return f"a {o.size} {o.colour} {o.shape} {POSITIONS[o.position][0]}"
+    if scene.kind == "pair":
+        if zh:
+            return "，".join(f"{POSITIONS[o.position][1]}是{COLOURS[o.colour][1]}{SHAPES[o.shape][1]}"
+                            for o in scene.objects)
+        return " and ".join(f"{'an' if o.colour[0] in 'aeiou' else 'a'} {o.colour} {o.shape} "
+                            f"{POSITIONS[o.position][0]}" for o in scene.objects)
+    if scene.kind == "count":
+        o, n = scene.objects[0], len(scene.objects)
+        if zh:
+            return f"{n}个{COLOURS[o.colour][1]}{SHAPES[o.shape][1]}"
+        return f"{NUMBER_WORDS[n]} {o.colour} {o.shape if n == 1 else SHAPES[o.shape][0]}"
+    if scene.kind == "text":
+        is_digit = scene.text.isdigit()
+        if zh:
+            return f"图片上写着{'数字' if is_digit else '单词'}“{scene.text}”"
+        return f"the {'number' if is_digit else 'word'} \"{scene.text}\""
+    if scene.kind == "chart":
+        tallest = _tallest(scene)
+        if zh:
+            return f"有{len(scene.bars)}根柱子的柱状图，{COLOURS[tallest][1]}柱子最高"
+        return f"a bar chart with {len(scene.bars)} bars, the {tallest} bar is the tallest"
+    raise ValueError(scene.kind)
+
+
+def _tallest(scene: Scene) -> str:
+    return max(zip(scene.bar_colours, scene.bars), key=lambda cb: cb[1][1])[0]
+
+
+def _shortest(scene: Scene) -> str:
+    return min(zip(scene.bar_colours, scene.bars), key=lambda cb: cb[1][1])[0]
+
+
+def questions(scene: Scene, rng: random.Random, lang: str) -> list[tuple[str, str, str]]:
+    """Every (type, question, answer) the scene supports, in `lang`; answers are one short word."""
+    zh = lang == "zh"
+    cn = lambda c: COLOURS[c][1] if zh else c  # noqa: E731 - answer words per language
+    sn = lambda s: SHAPES[s][1] if zh else s  # noqa: E731
+    pn = lambda p: POSITIONS[p][1] if zh else p  # noqa: E731
+    qs: list[tuple[str, str, str]] = []
+    if scene.kind == "single":
+        o = scene.objects[0]
+        qs += [
+            ("colour", rng.choice(["这个图形是什么颜色？", f"图中的{sn(o.shape)}是什么颜色？"]) if zh else
+             rng.choice(["What colour is the shape?", f"What is the colour of the {o.shape}?"]), cn(o.colour)),
+            ("shape", "图中是什么形状？" if zh else rng.choice(["What shape is shown?", "What shape is in the image?"]),
+             sn(o.shape)),
+            ("size", f"这个{sn(o.shape)}是大还是小？" if zh else f"Is the {o.shape} small or large?",
+             SIZES[o.size][0] if zh else o.size),
+            ("position", f"{cn(o.colour)}的{sn(o.shape)}在哪里？" if zh else f"Where is the {o.colour} {o.shape}?",
+             pn(o.position)),
+        ]
+    elif scene.kind == "pair":
+        # Ask about the held-out object when there is one: that is what `unseen_combo` measures.
+        unseen = [o for o in scene.objects if (o.colour, o.shape) in HELD_OUT_PAIRS]
+        o = unseen[0] if unseen else rng.choice(scene.objects)
+        qs += [
+            ("colour", f"{sn(o.shape)}是什么颜色？" if zh else f"What colour is the {o.shape}?", cn(o.colour)),
+            ("shape", f"{pn(o.position)}是什么形状？" if zh else f"What shape is {POSITIONS[o.position][0]}?",
+             sn(o.shape)),
+            ("position", f"{cn(o.colour)}的{sn(o.shape)}在哪里？" if zh else f"Where is the {o.colour} {o.shape}?",
+             pn(o.position)),
+        ]
+    elif scene.kind == "count":
+        o = scene.objects[0]
+        qs.append(("count", f"图中有几个{sn(o.shape)}？" if zh else f"How many {SHAPES[o.shape][0]} are there?",
+                   str(len(scene.objects))))
+    elif scene.kind == "text":
+        qs.append(("text", "图片上写的是什么？" if zh else "What is written in the image?", scene.text))
+    elif scene.kind == "chart":
+        qs += [
+            ("chart", "哪根柱子最高？" if zh else "Which bar is the tallest?", cn(_tallest(scene))),
+            ("chart", "哪根柱子最矮？" if zh else "Which bar is the shortest?", cn(_shortest(scene))),
+            ("chart", "图中有几根柱子？" if zh else "How many bars are in the chart?", str(len(scene.bars))),
+        ]
+    return qs
+
+
+def _chat(question: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": f"<image>\n{question}"}, {"role": "assistant", "content": answer}]
+
+
+# -- writing ------------------------------------------------------------------------------------------
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _kinds(n: int, rng: random.Random) -> list[str]:
+    """`n` scene kinds in proportion to KIND_WEIGHTS (exact shares, shuffled)."""
+    total = sum(KIND_WEIGHTS.values())
+    kinds = [k for k, w in KIND_WEIGHTS.items() for _ in range(round(n * w / total))]
+    kinds = (kinds + list(KIND_WEIGHTS) * n)[:n]
+    rng.shuffle(kinds)
+    return kinds
+
+
+def write_scene_splits(out_dir: str | Path, seed: int = 0, scale: str = "tiny") -> dict:
+    """Render the train and eval scenes of `scale` into `out_dir`; returns the summary (also scenes.json)."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown scene scale {scale!r}; choose one of {sorted(SCALES)}")
+    spec, out = SCALES[scale], Path(out_dir)
+    clip_rows, pre_rows, sft_rows, vqa_rows, cap_rows = [], [], [], [], []
+    for split in ("train", "eval"):
+        rng = random.Random(f"scenes-{seed}-{split}")  # str seeds are hashed stably across runs
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+        for i, kind in enumerate(_kinds(spec[split], rng)):
+            force = split == "eval" and kind in ("single", "pair", "count") and rng.random() < EVAL_UNSEEN_RATE
+            scene = sample_scene(rng, split, kind, force_unseen=force)
+            image = f"{split}/{i:06d}.png"
+            render(scene, spec["size"]).save(out / "images" / image, optimize=False)
+            en, zh = caption(scene, "en"), caption(scene, "zh")
+            if split == "train":
+                clip_rows += [{"image": image, "caption": en, "lang": "en"}, {"image": image, "caption": zh, "lang": "zh"}]
+                for lang, text in (("en", en), ("zh", zh)):
+                    pre_rows.append({"conversations": _chat(rng.choice(DESCRIBE[lang]), text), "image": image})
+                for lang in ("en", "zh"):  # every question in both languages: answers align across them
+                    for qtype, q, a in questions(scene, rng, lang):
+                        sft_rows.append({"conversations": _chat(q, a), "image": image, "type": qtype, "lang": lang})
+                if rng.random() < 0.1:
+                    lang = rng.choice(["en", "zh"])
+                    sft_rows.append({"conversations": _chat(rng.choice(DESCRIBE[lang]), en if lang == "en" else zh),
+                                     "image": image, "type": "caption", "lang": lang})
+            else:
+                cap_rows.append({"image": image, "caption": en, "caption_zh": zh, "kind": kind,
+                                 "unseen_combo": scene.unseen_combo})
+                # Two questions per eval image, one per language, of different types where possible
+                # (`questions` lists the same types in the same order for both languages).
+                by_lang = {lang: questions(scene, rng, lang) for lang in ("en", "zh")}
+                picks = rng.sample(range(len(by_lang["en"])), k=min(2, len(by_lang["en"])))
+                for lang, pick in (("en", picks[0]), ("zh", picks[-1])):
+                    qtype, q, a = by_lang[lang][pick]
+                    vqa_rows.append({"conversations": _chat(q, a), "image": image, "answer": a, "lang": lang,
+                                     "type": qtype, "unseen_combo": scene.unseen_combo, "kind": kind})
+    rng = random.Random(f"scenes-{seed}-shuffle")
+    rng.shuffle(sft_rows)
+    rng.shuffle(pre_rows)
+    _write_jsonl(out / "clip_pretrain.jsonl", clip_rows)
+    _write_jsonl(out / "vlm_pretrain.jsonl", pre_rows)
+    _write_jsonl(out / "vlm_sft.jsonl", sft_rows)
+    _write_jsonl(out / "eval" / "vqa.jsonl", vqa_rows)
+    _write_jsonl(out / "eval" / "captions.jsonl", cap_rows)
+    summary = {
+        "scale": scale, "seed": seed, "image_size": spec["size"], "image_root": "images",
+        "train_images": spec["train"], "eval_images": spec["eval"],
+        "clip_pretrain": len(clip_rows), "vlm_pretrain": len(pre_rows), "vlm_sft": len(sft_rows),
+        "eval_vqa": len(vqa_rows), "eval_vqa_unseen_combo": sum(r["unseen_combo"] for r in vqa_rows),
+        "held_out_pairs": sorted(f"{c}+{s}" for c, s in HELD_OUT_PAIRS),
+    }
+    (out / "scenes.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+if __name__ == "__main__":  # standalone use; `python -m data.synth` calls write_scene_splits itself
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m data.scenes", description="write the synthetic scene splits")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", default="tiny", choices=sorted(SCALES))
+    cli = parser.parse_args()
+    print(json.dumps(write_scene_splits(cli.out, cli.seed, cli.scale), indent=2))

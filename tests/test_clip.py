@@ -1,0 +1,82 @@
+"""Our open_clip configs, the CLIP checkpoint format, the contrastive loss and the pretrain_clip stage."""
+import json
+
+import open_clip
+import pytest
+import torch
+
+from vlm.vision import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, VisionEncoder, load_clip, save_clip_checkpoint
+
+
+def test_custom_configs_are_registered_and_build_offline():
+    for name in ("minimind-clip-micro", "minimind-clip-tiny", "minimind-clip-small"):
+        assert name in open_clip.list_models()
+    model = open_clip.create_model("minimind-clip-micro")
+    tokens = open_clip.get_tokenizer("minimind-clip-micro")(["a red circle", "红色圆形"])
+    assert tokens.shape == (2, 64)
+    image_features, text_features, scale = model(torch.randn(2, 3, 32, 32), tokens)[:3]
+    assert image_features.shape == text_features.shape == (2, 64)
+
+
+def test_checkpoint_loads_in_open_clip_three_ways(tmp_path):
+    model, name, cfg, _ = load_clip("minimind-clip-micro", seed=5)
+    with torch.no_grad():
+        model.visual.proj.add_(0.5)  # "trained": differs from the seeded random init
+    save_clip_checkpoint(model, name, cfg, tmp_path)
+    meta = json.loads((tmp_path / CHECKPOINT_CONFIG).read_text())
+    assert meta["model_name"] == name and meta["model_cfg"] == cfg
+    expected = model.state_dict()
+    by_dir = open_clip.create_model(f"local-dir:{tmp_path}")
+    by_file = open_clip.create_model(name, pretrained=str(tmp_path / CHECKPOINT_WEIGHTS))
+    for loaded in (by_dir, by_file):
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in expected.items())
+    encoder = VisionEncoder.from_open_clip(pretrained=str(tmp_path))
+    assert encoder.model_name == name and encoder.num_patches == 16 and encoder.hidden_size == 64
+    assert encoder.identity != VisionEncoder.from_open_clip(name).identity
+    assert torch.equal(encoder.visual.proj, model.visual.proj)
+    assert encoder.embed_texts(["a blue star"]).shape == (1, 64)
+
+
+def test_unknown_model_and_bad_checkpoint_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown open_clip model"):
+        load_clip("no-such-clip")
+    with pytest.raises(FileNotFoundError, match="not a CLIP checkpoint folder"):
+        load_clip("local-dir:" + str(tmp_path))
+
+
+def test_clip_loss_counts_pairs_and_rewards_alignment():
+    trainer = pytest.importorskip("training.trainer", reason="training.trainer not available yet")
+    from training.pretrain_clip import clip_loss
+
+    class Fixed(torch.nn.Module):  # stands in for open_clip.CLIP's (image, text, scale) output
+        def __init__(self, img, txt):
+            super().__init__()
+            self.img, self.txt = torch.nn.Parameter(img), torch.nn.Parameter(txt)
+
+        def forward(self, images, texts):
+            return self.img, self.txt, torch.tensor(50.0)
+
+    eye = torch.eye(4)
+    aligned = clip_loss(Fixed(eye, eye), {"images": torch.zeros(4, 3, 8, 8), "texts": torch.zeros(4, 5)})
+    shuffled = clip_loss(Fixed(eye, eye.roll(1, 0)), {"images": torch.zeros(4, 3, 8, 8), "texts": torch.zeros(4, 5)})
+    assert isinstance(aligned, trainer.LossOutput) and aligned.count == 4
+    assert aligned.loss_sum.item() < 0.01 < shuffled.loss_sum.item()
+    assert aligned.metrics["batch_i2t_acc"] == 1.0 and shuffled.metrics["batch_i2t_acc"] == 0.0
+
+
+def test_pretrain_clip_stage_end_to_end(tmp_path):
+    pytest.importorskip("training.trainer", reason="training.trainer not available yet")
+    from data.scenes import write_scene_splits
+    from training.pretrain_clip import main
+
+    write_scene_splits(tmp_path / "scenes", seed=0, scale="micro")
+    out = tmp_path / "clip"
+    summary = main(["--data", str(tmp_path / "scenes"), "--out", str(out), "--preset", "micro",
+                    "--max-steps", "6", "--batch-size", "16", "--eval-n", "20"])
+    assert (out / CHECKPOINT_WEIGHTS).is_file() and (out / "metrics.jsonl").is_file()
+    encoder = VisionEncoder.from_open_clip(pretrained=str(out))
+    assert encoder.model_name == "minimind-clip-micro"
+    assert encoder.identity != VisionEncoder.from_open_clip("minimind-clip-micro", seed=0).identity
+    report = json.loads((out / "retrieval.json").read_text())
+    assert report["en"]["n"] == 20 and 0 <= report["en"]["i2t_top1"] <= 1
+    assert summary["retrieval"]["zh"]["n"] == 20

@@ -1,0 +1,160 @@
+"""Post-training pieces: synthetic post-training data, rule rewards, GRPO maths, KD and tag-weighted losses."""
+import json
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data.synth_posttrain import SCALES, arithmetic, passage_fact, write_posttrain_splits
+from training.distill import kd_loss_terms, student_config
+from training.distill_reason import make_weighted_loss
+from training.grpo import group_advantages, grpo_objective
+from training.rewards import answer_reward, extract_answer, follows_format, total_reward
+from vlm import MiniMindConfig, MiniMindForCausalLM
+
+
+def _rows(path):
+    return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    counts = write_posttrain_splits(root, seed=3, scale="micro")
+    return root / "posttrain", counts
+
+
+def test_posttrain_files_exist_are_bilingual_and_deterministic(splits, tmp_path):
+    folder, counts = splits
+    assert counts["lora_eval.jsonl"] == SCALES["micro"]["islands"] * 3 * 2  # 3 facts x 2 languages
+    for name, n in counts.items():
+        assert len(_rows(folder / name)) == n > 0, name
+    langs = {r["lang"] for r in _rows(folder / "grpo_eval.jsonl")}
+    assert langs == {"en", "zh"}
+    write_posttrain_splits(tmp_path, seed=3, scale="micro")
+    assert (tmp_path / "posttrain" / "reason_train.jsonl").read_bytes() == (folder / "reason_train.jsonl").read_bytes()
+
+
+def test_heldout_questions_never_appear_in_training(splits):
+    folder, _ = splits
+    train_q = {r["conversations"][1]["content"] for r in _rows(folder / "reason_train.jsonl")}
+    train_q |= {r["messages"][1]["content"] for r in _rows(folder / "grpo_train.jsonl")}
+    for name in ("reason_eval.jsonl", "grpo_eval.jsonl"):
+        assert not train_q & {r["messages"][1]["content"] for r in _rows(folder / name)}
+    lora_train_q = {r["conversations"][1]["content"] for r in _rows(folder / "lora_train.jsonl")}
+    lora_eval = _rows(folder / "lora_eval.jsonl")
+    assert not lora_train_q & {r["messages"][1]["content"] for r in lora_eval}
+    # ...but every held-out LoRA fact was taught (closed book: same island, same answer, other phrasing)
+    taught = {(r["conversations"][1]["content"], r["conversations"][2]["content"]) for r in _rows(folder / "lora_train.jsonl")}
+    taught_answers = {a for _, a in taught}
+    assert all(r["answer"] in taught_answers for r in lora_eval)
+
+
+def test_reasoning_traces_follow_the_format_and_are_correct(splits):
+    folder, _ = splits
+    for r in _rows(folder / "reason_train.jsonl"):
+        text = r["conversations"][-1]["content"]
+        assert follows_format(text), text
+        q = r["conversations"][1]["content"]
+        m = re.search(r"(\d+(?: [+-] \d+)+)", q)
+        if m and "Passage" not in q and "短文" not in q:  # arithmetic: recompute without eval()
+            toks = m.group(1).split()
+            value = int(toks[0])
+            for op, b in zip(toks[1::2], toks[2::2]):
+                value = value + int(b) if op == "+" else value - int(b)
+            assert extract_answer(text) == str(value)
+
+
+def test_generators_answer_correctly():
+    import random
+    rng = random.Random(0)
+    for _ in range(50):
+        q, why, ans = arithmetic(rng, "en")
+        assert why.endswith(f"= {ans}.") and int(ans) >= 0
+        q, why, ans = passage_fact(rng, "zh")
+        assert ans in q and ans in why
+
+
+def test_dpo_pairs_prefer_the_right_answer(splits):
+    folder, _ = splits
+    for r in _rows(folder / "dpo_train.jsonl"):
+        assert r["chosen"][:-1] == r["rejected"][:-1]
+        assert r["chosen"][-1]["content"] != r["rejected"][-1]["content"]
+
+
+def test_rewards():
+    good = "<think>3 + 4 = 7.</think><answer>7</answer>"
+    assert follows_format(good) and answer_reward(good, "7") == 1.0 and total_reward(good, "7") == 1.0
+    assert not follows_format("<think>x</think>7") and answer_reward("<think>x</think>7", "7") == 1.0
+    assert not follows_format("<answer>7</answer><think>x</think>")
+    assert not follows_format("<think>a<think>b</think><answer>7</answer>")
+    assert total_reward("<think>x</think><answer>8</answer>", "7") == pytest.approx(0.2)
+    assert answer_reward("Tolvan.", "tolvan") == 1.0 and answer_reward("托尔万。", "托尔万") == 1.0
+
+
+def test_group_advantages_are_zero_mean_per_group():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5])
+    a = group_advantages(r, group=4)
+    assert a[:4].sum().abs() < 1e-5 and a[0] > 0 > a[1]
+    assert torch.all(a[4:] == 0)  # a group where all responses tie teaches nothing
+
+
+def test_grpo_objective_gradient_follows_the_advantage():
+    logp = torch.tensor([[-1.0, -1.0], [-1.0, -1.0]], requires_grad=True)
+    ref = logp.detach().clone()
+    adv = torch.tensor([1.0, -1.0])
+    mask = torch.ones(2, 2)
+    loss, kl = grpo_objective(logp, logp.detach(), ref, adv, mask, clip_eps=0.2, beta=0.1)
+    assert torch.allclose(kl, torch.zeros(2))  # policy == reference
+    assert torch.allclose(loss, -adv)  # ratio 1: loss = -A
+    loss.sum().backward()
+    assert torch.all(logp.grad[0] < 0) and torch.all(logp.grad[1] > 0)  # descent raises good, lowers bad
+    # Clipping: once the ratio is past 1 + eps for a positive advantage, no more push.
+    far = torch.tensor([[-0.5]], requires_grad=True)
+    l2, _ = grpo_objective(far, torch.tensor([[-1.0]]), torch.tensor([[-0.5]]), torch.tensor([1.0]),
+                           torch.ones(1, 1), clip_eps=0.2, beta=0.0)
+    l2.sum().backward()
+    assert far.grad.abs().item() == 0.0
+
+
+def test_kd_loss_terms():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
+    labels = torch.randint(0, 11, (2, 5), generator=g)
+    labels[0, :2] = -100
+    keep = labels != -100
+    ce_ref = F.cross_entropy(s[keep], labels[keep], reduction="sum")
+    loss, ce, kl, n = kd_loss_terms(s, t, labels, alpha=1.0, temperature=2.0)
+    assert n == 8 and torch.allclose(loss, ce_ref)
+    loss0, _, kl0, _ = kd_loss_terms(s, s.clone(), labels, alpha=0.0, temperature=2.0)
+    assert abs(kl0.item()) < 1e-5 and abs(loss0.item()) < 1e-4  # student == teacher: nothing to distil
+    loss_half, _, kl, _ = kd_loss_terms(s, t, labels, alpha=0.5, temperature=2.0)
+    want_kl = F.kl_div(F.log_softmax(s[keep] / 2, -1), F.log_softmax(t[keep] / 2, -1), log_target=True, reduction="sum")
+    assert torch.allclose(kl, want_kl, atol=1e-5)
+    assert torch.allclose(loss_half, 0.5 * ce_ref + 0.5 * 4 * want_kl, atol=1e-4)
+
+
+def test_student_is_at_most_a_quarter_of_the_teacher():
+    teacher_cfg = MiniMindConfig(vocab_size=2048, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=256)
+    count = lambda m: sum(p.numel() for p in {id(p): p for p in m.parameters()}.values())
+    ratio = count(MiniMindForCausalLM(student_config(teacher_cfg, 0.5))) / count(MiniMindForCausalLM(teacher_cfg))
+    assert ratio <= 0.25, ratio
+
+
+def test_tag_weighted_loss():
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(MiniMindConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=1))
+    ids = torch.randint(4, 40, (2, 10))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    tags = torch.tensor([int(ids[0, 5]), int(ids[1, 7])])
+    batch = {"input_ids": ids, "labels": labels}
+    plain = make_weighted_loss(tags, 1.0)(model, batch)
+    heavy = make_weighted_loss(tags, 5.0)(model, batch)
+    ce = F.cross_entropy(model(input_ids=ids).logits[:, :-1].reshape(-1, 40), labels[:, 1:].reshape(-1),
+                         ignore_index=-100, reduction="sum")
+    assert plain.count == heavy.count == 14
+    assert torch.allclose(plain.loss_sum, ce, atol=1e-4) and heavy.loss_sum > plain.loss_sum

@@ -1,0 +1,175 @@
+"""MiniMind-V: placeholder expansion, vectorised splicing, batches, errors, save/load, generation."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModel, AutoProcessor, TextIteratorStreamer
+
+import vlm  # noqa: F401  (registers the Auto classes)
+from training.train_tokenizer import main as train_tokenizer
+from vlm import MiniMindConfig, MiniMindForCausalLM
+from vlm.modeling_vlm import MiniMindVLM
+from vlm.processor import VLMProcessor
+from vlm.tokenizer import IMAGE_ID, load_tokenizer
+from vlm.vision import VisionEncoder
+
+torch.set_num_threads(1)
+TEXTS = ["a red circle on the left", "一个蓝色的正方形", "mail me @ home, 12 + 30 = 42", "What colour is it?"] * 20
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vlm_tok")
+    (root / "pretrain.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in TEXTS),
+                                         encoding="utf-8")
+    train_tokenizer(["--data", str(root), "--out", str(root / "tok"), "--vocab-size", "300"])
+    return load_tokenizer(root / "tok")
+
+
+def tiny_lm(vocab: int) -> MiniMindForCausalLM:
+    torch.manual_seed(0)
+    return MiniMindForCausalLM(MiniMindConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2))
+
+
+@pytest.fixture(scope="module")
+def b16(tokenizer):
+    """ViT-B-16 at random init (no download): 196 patch tokens of width 768 at 224 px."""
+    model = MiniMindVLM.from_lm(tiny_lm(len(tokenizer)), VisionEncoder.from_open_clip("ViT-B-16")).eval()
+    return model, VLMProcessor.from_config(model.config, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def small(tokenizer):
+    model = MiniMindVLM.from_lm(tiny_lm(len(tokenizer)), VisionEncoder.from_open_clip("minimind-clip-tiny")).eval()
+    return model, VLMProcessor.from_config(model.config, tokenizer)
+
+
+def image(seed: int, size=(40, 30)) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(size[1], size[0], 3, generator=g) * 255).byte().numpy())
+
+
+def test_one_image_is_196_slots_holding_the_projected_patches(b16):
+    model, proc = b16
+    batch = proc(messages=[{"role": "user", "content": "<image>\nWhat colour is it?"}], images=[image(0)])
+    ids = batch["input_ids"]
+    assert int((ids == IMAGE_ID).sum()) == 196 == model.config.num_image_tokens
+    assert batch["pixel_values"].shape == (1, 3, 224, 224)
+    with torch.no_grad():
+        embeds = model.embed_inputs(ids, pixel_values=batch["pixel_values"])
+        patches = model.vision(batch["pixel_values"])
+        expected = model.projector(patches)[0]
+        text_rows = model.model.embed_tokens(ids)
+    slots = ids[0] == IMAGE_ID
+    assert patches.shape == (1, 196, 768)
+    assert torch.equal(embeds[0, slots], expected)  # the N rows are the N projected patch features, in order
+    assert torch.equal(embeds[0, ~slots], text_rows[0, ~slots])  # every other row is the token embedding
+
+
+def test_two_images_give_392_slots_in_marker_order(b16):
+    model, proc = b16
+    batch = proc(text="<image> left <image> right", images=[image(1), image(2)])
+    slots = batch["input_ids"][0] == IMAGE_ID
+    assert int(slots.sum()) == 392
+    with torch.no_grad():
+        embeds = model.embed_inputs(batch["input_ids"], pixel_values=batch["pixel_values"])
+        expected = model.projector(model.vision(batch["pixel_values"])).reshape(392, -1)
+    assert torch.equal(embeds[0, slots], expected)
+
+
+def test_literal_at_and_reserved_token(small):
+    _, proc = small
+    ids = proc(text="mail @ home @@@ " + "@" * 64)["input_ids"]
+    assert IMAGE_ID not in ids.tolist()[0]
+    assert proc.tokenizer.convert_tokens_to_ids("@") != IMAGE_ID
+    with pytest.raises(ValueError, match="reserved token"):
+        proc(text="sneaky <|image_pad|>")
+
+
+def test_marker_image_count_mismatch_is_an_error(small):
+    model, proc = small
+    with pytest.raises(ValueError, match="1 <image> marker.*2 image"):
+        proc(text="<image> only one", images=[image(0), image(1)])
+    with pytest.raises(ValueError, match="0 <image> marker.*1 image"):
+        proc(text="no marker", images=[image(0)])
+    batch = proc(text="<image> x", images=[image(0)])
+    with pytest.raises(ValueError, match="64 image placeholder ids .*but 2 image"):
+        model(input_ids=batch["input_ids"], pixel_values=torch.cat([batch["pixel_values"]] * 2))
+    with pytest.raises(ValueError, match="placeholder ids .*but 0 image"):
+        model(input_ids=batch["input_ids"])  # placeholders without their image
+    # 128 slots for two images, but in runs of 54 and 74: an image's run was cut
+    cut = torch.tensor([[1, 5] + [IMAGE_ID] * 54 + [5] + [IMAGE_ID] * 74 + [2]])
+    with pytest.raises(ValueError, match="not multiples of 64"):
+        model(input_ids=cut, pixel_values=torch.cat([batch["pixel_values"]] * 2))
+
+
+def test_batch_mixing_text_only_and_multi_image_samples(small):
+    model, proc = small
+    msgs = [[{"role": "user", "content": "just text"}],
+            [{"role": "user", "content": "<image> and <image>"}],
+            [{"role": "user", "content": "<image> one"}]]
+    imgs = [[], [image(3), image(4)], [image(5)]]
+    batch = proc(messages=msgs, images=imgs)
+    assert batch["pixel_values"].shape[0] == 3
+    with torch.no_grad():
+        out = model(**batch).logits
+        # each sample alone gives the same logits (left padding only shifts positions)
+        for i in range(3):
+            alone = proc(messages=msgs[i], images=imgs[i] or None)
+            logits = model(**alone).logits[0]
+            assert torch.allclose(out[i, -logits.shape[0]:], logits, atol=1e-4)
+
+
+def test_image_features_path_equals_pixel_path(small):
+    model, proc = small
+    batch = proc(text="<image> what?", images=[image(6)])
+    with torch.no_grad():
+        feats = model.vision(batch["pixel_values"]).half()  # the cache stores fp16
+        a = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits
+        b = model(input_ids=batch["input_ids"], image_features=feats).logits
+    assert torch.allclose(a, b, atol=1e-2)
+    with pytest.raises(ValueError, match="image_features must be"):
+        model(input_ids=batch["input_ids"], image_features=torch.zeros(1, 10, 192))
+
+
+def test_save_load_roundtrip_with_auto_classes(small, tmp_path):
+    model, proc = small
+    model.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path)
+    proc2 = AutoProcessor.from_pretrained(tmp_path)
+    assert type(loaded) is MiniMindVLM and type(proc2) is VLMProcessor
+    assert loaded.vision.identity == model.vision.identity  # encoder weights are inside the folder
+    assert not any(p.requires_grad for p in loaded.vision.parameters())
+    batch = proc2(text="<image> hello", images=[image(7)])
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+    # a folder without processor_config.json: N and preprocessing come from config.json
+    (tmp_path / "processor_config.json").unlink()
+    assert VLMProcessor.from_pretrained(tmp_path).num_image_tokens == 64
+
+
+def test_generate_with_image_cached_equals_uncached_and_fast_path(small):
+    model, proc = small
+    batch = proc(messages=[[{"role": "user", "content": "<image> colour?"}],
+                           [{"role": "user", "content": "longer question <image> about the colour?"}]],
+                 images=[[image(8)], [image(9)]])
+    kw = dict(max_new_tokens=6, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    cached = model.generate(**batch, use_cache=True, **kw)[:, batch["input_ids"].shape[1]:]
+    uncached = model.generate(**batch, use_cache=False, **kw)[:, batch["input_ids"].shape[1]:]
+    fast = model.fast_generate(batch["input_ids"], pixel_values=batch["pixel_values"],
+                               attention_mask=batch["attention_mask"], max_new_tokens=6, eos_token_id=-1)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached, fast)
+
+
+def test_generate_streams_text(small):
+    model, proc = small
+    batch = proc(text="<image> hi", images=[image(10)])
+    streamer = TextIteratorStreamer(proc.tokenizer, skip_prompt=True)
+    model.fast_generate(batch["input_ids"], pixel_values=batch["pixel_values"], max_new_tokens=4,
+                        eos_token_id=-1, streamer=streamer)
+    streamed = "".join(streamer)
+    assert isinstance(streamed, str) and streamed.strip()

@@ -1,0 +1,72 @@
+"""VLM stages through the shared Trainer: freeze policies leave everything else bit-identical."""
+import pytest
+import torch
+
+pytest.importorskip("training.trainer", reason="the shared Trainer is not in this checkout yet")
+
+import vlm  # noqa: E402
+from data.scenes import write_scene_splits  # noqa: E402
+from training import pretrain_vlm, sft_vlm  # noqa: E402
+from training.freeze import trainable_predicate  # noqa: E402
+from training.train_tokenizer import main as train_tokenizer  # noqa: E402
+from vlm.modeling_vlm import MiniMindVLM  # noqa: E402
+from vlm.tokenizer import load_tokenizer  # noqa: E402
+from vlm.vision import VisionEncoder  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vlm_stage")
+    world = root / "world"
+    write_scene_splits(world, seed=0, scale="micro")
+    train_tokenizer(["--data", str(world), "--out", str(root / "tok"), "--vocab-size", "400"])
+    tok = load_tokenizer(root / "tok")
+    torch.manual_seed(0)
+    lm = vlm.MiniMindForCausalLM(vlm.MiniMindConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=3,
+                                                    num_attention_heads=4, num_key_value_heads=2))
+    lm.save_pretrained(root / "lm")
+    tok.save_pretrained(root / "lm")
+    return root, world
+
+
+def state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def check_only_trainable_changed(before: dict, after_model: MiniMindVLM, policy: str) -> None:
+    keep = trainable_predicate(policy, after_model.config.num_hidden_layers)
+    after = after_model.state_dict()
+    assert set(before) == set(after)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    frozen_changed = sorted(k for k in changed if not keep(k, None))  # lm_head is tied to the frozen embeddings
+    assert not frozen_changed, f"{policy}: frozen parameters changed: {frozen_changed[:5]}"
+    assert any(k.startswith("projector.") for k in changed), "the projector did not train"
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("vision."))
+
+
+def test_pretrain_then_sft_respect_their_freeze_policies(setup, tmp_path):
+    root, world = setup
+    common = ["--data", str(world), "--preset", "micro", "--max-steps", "3", "--batch-size", "4", "--device", "cpu",
+              "--dtype", "fp32", "--feature-cache", str(tmp_path / "cache")]
+    pretrain_vlm.main([*common, "--init", str(root / "lm"), "--out", str(tmp_path / "pre"),
+                       "--vision", "minimind-clip-tiny"])
+    pre = MiniMindVLM.from_pretrained(tmp_path / "pre")
+    # starting values: the LM checkpoint, the (seeded) random encoder, a fresh projector
+    lm = vlm.MiniMindForCausalLM.from_pretrained(root / "lm")
+    start = {**{k: v for k, v in lm.state_dict().items()},
+             **{f"vision.{k}": v for k, v in VisionEncoder.from_open_clip("minimind-clip-tiny").state_dict().items()},
+             **{k: torch.full_like(v, float("nan")) for k, v in pre.state_dict().items() if k.startswith("projector.")}}
+    check_only_trainable_changed(start, pre, "projector")
+
+    before = state(pre)
+    # SFT without the cache (images encoded every step) and the default projector+first_last policy
+    sft_vlm.main([*common[:-1], "none", "--init", str(tmp_path / "pre"), "--out", str(tmp_path / "sft"),
+                  "--eval-n", "4"])
+    sft = MiniMindVLM.from_pretrained(tmp_path / "sft")
+    check_only_trainable_changed(before, sft, "projector+first_last")
+    after = sft.state_dict()
+    assert not torch.equal(before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(before["model.layers.1.self_attn.q_proj.weight"], after["model.layers.1.self_attn.q_proj.weight"])
+    assert (tmp_path / "sft" / "vqa.json").is_file() and (tmp_path / "sft" / "processor_config.json").is_file()

@@ -1,0 +1,91 @@
+"""LoRA fine-tuning: `python -m training.lora --data WORLD_DIR --init SFT_DIR --out DIR [--rank 8 --alpha 16]`.
+
+Teaches a new domain (WORLD_DIR/posttrain/lora_train.jsonl, SFT format) to a frozen base: only the
+adapter trains (`vlm.lora`), a little base-domain SFT data is replayed (`--replay`) so the adapter
+does not overwrite what the base knew. The output folder is an adapter folder (peft format:
+`adapter_model.safetensors` + `adapter_config.json`) plus the tokenizer; `--merged-out DIR` also
+writes a plain full model with the adapter folded in.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch.utils.data import ConcatDataset, Subset
+
+from training.trainer import Trainer
+from vlm import MiniMindForCausalLM
+from vlm.lora import (LoRAConfig, add_lora, count_parameters, load_adapter, lora_trainable, merge_and_unload,
+                      save_adapter)
+
+
+def parse_targets(spec: str) -> list[str] | str:
+    """"q_proj,v_proj" -> a list (suffix match); "all-linear" or anything with regex characters -> a regex."""
+    if spec == "all-linear" or any(c in spec for c in "()[]|*+?^$\\"):
+        return spec
+    return [t.strip() for t in spec.split(",") if t.strip()]
+
+
+def adapter_saver(tok_dir: Path, adapter_name: str):
+    """Trainer save_fn: the adapter alone (peft folder) plus the tokenizer, never the frozen base."""
+    from training.posttrain_pipeline import copy_tokenizer
+
+    def save(model, out_dir):
+        save_adapter(getattr(model, "module", model), out_dir, adapter_name)
+        copy_tokenizer(tok_dir, out_dir)
+    return save
+
+
+def load_with_adapter(base_dir: str | Path, adapter_dir: str | Path, adapter_name: str = "default") -> MiniMindForCausalLM:
+    """A base checkpoint with a saved adapter on top (active)."""
+    model = MiniMindForCausalLM.from_pretrained(str(base_dir))
+    return load_adapter(model, adapter_dir, adapter_name)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from data.datasets import SFTDataset
+    from training.cli import config_from_args
+    from training.lm_stage import build_parser, causal_lm_loss
+    from training.posttrain_pipeline import copy_tokenizer, load_init, parse_stage, posttrain_file
+
+    p = build_parser("lora", __doc__.splitlines()[0])
+    p.add_argument("--rank", type=int, help="LoRA rank r")
+    p.add_argument("--alpha", type=float, help="LoRA alpha (scale = alpha / r)")
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                   help='comma-separated module names (suffix match), "all-linear", or a regex (full match)')
+    p.add_argument("--adapter-name", default="default")
+    p.add_argument("--replay", type=float, help="base-domain SFT samples mixed in, as a fraction of the new data")
+    p.add_argument("--merged-out", help="also write the merged full model here")
+    args, _ = parse_stage(p, "lora", argv)
+    if not args.init:
+        raise SystemExit("--init: LoRA adapts an existing checkpoint folder (the base)")
+    model, tokenizer, tok_dir = load_init(args.init)
+    config = LoRAConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=args.lora_dropout,
+                        target_modules=parse_targets(args.targets), base_model_name_or_path=str(Path(args.init).resolve()))
+    names = add_lora(model, config, args.adapter_name)
+    base_n, lora_n = count_parameters(model, args.adapter_name)
+    print(f"[lora] {len(names)} layers wrapped; adapter {lora_n:,} params = {100 * lora_n / base_n:.2f}% of base {base_n:,}")
+
+    dataset = SFTDataset(posttrain_file(args.data, "lora_train.jsonl"), tokenizer, args.max_len)
+    base_sft = Path(args.data) / "sft.jsonl"
+    if args.replay and base_sft.is_file():
+        replay = SFTDataset(base_sft, tokenizer, args.max_len)
+        n = min(len(replay), int(args.replay * len(dataset)))
+        g = torch.Generator().manual_seed(args.seed)
+        dataset = ConcatDataset([dataset, Subset(replay, torch.randperm(len(replay), generator=g)[:n].tolist())])
+    from data.collate import pad_collate
+
+    trainer = Trainer(model, dataset, pad_collate, causal_lm_loss, config_from_args(args),
+                      trainable=lora_trainable(args.adapter_name), save_fn=adapter_saver(tok_dir, args.adapter_name))
+    summary = trainer.train() | {"adapter_params": lora_n, "base_params": base_n, "adapter_ratio": lora_n / base_n}
+    if args.merged_out:  # the model was trained in place: fold the adapter in and save a plain checkpoint
+        merge_and_unload(model).save_pretrained(args.merged_out)
+        copy_tokenizer(tok_dir, args.merged_out)
+    print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float))}, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

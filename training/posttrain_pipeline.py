@@ -1,0 +1,317 @@
+"""The post-training stages in order, each measured on held-out data: `run_posttrain(out, world, preset, sft)`.
+
+lora (new domain on a frozen base) -> dpo -> distill (KD vs SFT-only student) -> reason (think/answer
+format) -> grpo (from the reasoning model). Returns flat metrics `lora.*`, `dpo.*`, `distill.*`,
+`reason.*`, `grpo.*` for `report.json`. A stage whose output folder is complete is not retrained,
+only re-evaluated. Also home of what the post-training stage CLIs share: per-preset defaults,
+loading a checkpoint with its tokenizer, saving with the tokenizer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from training.presets import get_preset
+
+# Stage defaults per preset (flags override). Sized for the 2-core CPU: micro checks plumbing in
+# seconds; tiny has to show each stage's effect within the pipeline's time budget.
+STAGE_DEFAULTS: dict[str, dict[str, dict]] = {
+    "micro": {
+        "lora": dict(max_steps=60, batch_size=8, lr=1e-2, warmup_steps=4, rank=2, alpha=4.0, replay=0.25),
+        "dpo": dict(max_steps=30, batch_size=8, lr=2e-4, warmup_steps=2, beta=0.1),
+        "distill": dict(max_steps=60, batch_size=8, lr=3e-3, warmup_steps=4, student_scale=0.4),
+        "reason": dict(max_steps=60, batch_size=8, lr=2e-3, warmup_steps=4),
+        "grpo": dict(max_steps=10, batch_size=4, lr=5e-5, warmup_steps=0, group=4, max_new_tokens=32),
+    },
+    "tiny": {
+        "lora": dict(max_steps=400, batch_size=16, lr=3e-3, warmup_steps=20, rank=8, alpha=16.0, replay=0.25),
+        "dpo": dict(max_steps=120, batch_size=8, lr=5e-5, warmup_steps=10, beta=0.1),
+        "distill": dict(max_steps=400, batch_size=16, lr=2e-3, warmup_steps=20, student_scale=0.5),
+        "reason": dict(max_steps=400, batch_size=16, lr=1e-3, warmup_steps=20),
+        "grpo": dict(max_steps=30, batch_size=4, lr=1e-4, warmup_steps=2, group=8, max_new_tokens=48),
+    },
+    "small": {
+        "lora": dict(epochs=3, batch_size=32, lr=1e-3, warmup_steps=50, rank=16, alpha=32.0, replay=0.25),
+        "dpo": dict(epochs=1, batch_size=16, lr=5e-6, warmup_steps=20, beta=0.1),
+        "distill": dict(epochs=2, batch_size=32, lr=5e-4, warmup_steps=100),
+        "reason": dict(epochs=2, batch_size=32, lr=2e-4, warmup_steps=50),
+        "grpo": dict(max_steps=300, batch_size=16, lr=1e-6, warmup_steps=10, group=8, max_new_tokens=96),
+    },
+}
+# The world's own preference pairs (on the facts the SFT model learned) first, the verifiable-question pairs after.
+DPO_TRAIN_FILES = ("dpo.jsonl", "posttrain/dpo_train.jsonl")
+DPO_EVAL_FILES = ("eval/dpo.jsonl", "posttrain/dpo_eval.jsonl")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+# ---------------------------------------------------------------- shared by the stage CLIs
+
+def parse_stage(parser: argparse.ArgumentParser, stage: str, argv: list[str] | None):
+    """Parse with the named preset's defaults for `stage` (second pass), like `lm_stage.parse_with_preset`."""
+    known, _ = parser.parse_known_args(argv)
+    preset = get_preset(known.preset)
+    defaults = STAGE_DEFAULTS[known.preset or "tiny"].get(stage, {})
+    parser.set_defaults(**defaults, max_len=preset["max_len"])
+    return parser.parse_args(argv), preset
+
+
+def load_init(folder: str | Path):
+    """(model, tokenizer, folder) from a checkpoint folder holding model + tokenizer."""
+    from vlm import MiniMindForCausalLM
+    from vlm.tokenizer import load_tokenizer
+
+    folder = Path(folder)
+    return MiniMindForCausalLM.from_pretrained(str(folder)), load_tokenizer(folder), folder
+
+
+def copy_tokenizer(tok_dir: str | Path, out_dir: str | Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (Path(tok_dir) / name).is_file():
+            shutil.copy(Path(tok_dir) / name, Path(out_dir) / name)
+
+
+def saver(tok_dir: Path):
+    """Trainer save_fn: the HF folder plus the tokenizer, so the output is a complete checkpoint."""
+    def save(model, out_dir):
+        getattr(model, "module", model).save_pretrained(out_dir)
+        copy_tokenizer(tok_dir, out_dir)
+    return save
+
+
+def world_file(data: str | Path, name: str) -> Path:
+    path = Path(data)
+    path = path / name if path.is_dir() else path
+    if not path.is_file():
+        raise SystemExit(f"--data: {path} does not exist (expected a jsonl file or a world folder holding {name})")
+    return path
+
+
+def find_data(data: str | Path, *candidates: str) -> Path:
+    """DATA itself when it is a file, else the first of DATA/<candidate> that exists."""
+    path = Path(data)
+    if path.is_file():
+        return path
+    for c in candidates:
+        if (path / c).is_file():
+            return path / c
+    raise SystemExit(f"--data: none of {[str(path / c) for c in candidates]} exists "
+                     "(post-training files come from data.synth_posttrain.write_posttrain_splits)")
+
+
+def posttrain_file(data: str | Path, name: str) -> Path:
+    """DATA as a file, or WORLD/posttrain/NAME (written by data.synth_posttrain), or WORLD/NAME."""
+    return find_data(data, f"posttrain/{name}", name)
+
+
+# ---------------------------------------------------------------- held-out measurement
+
+def read_items(path: Path, limit: int | None) -> list[dict]:
+    from training.evaluate import read_jsonl
+    return read_jsonl(path, limit) if path.is_file() else []
+
+
+def generate_texts(model, tokenizer, items: list[dict], max_new_tokens: int = 48) -> list[str]:
+    from training.evaluate import generate_answers
+    from vlm.tokenizer import EOS_ID
+
+    model.eval()
+    gens = generate_answers(model, tokenizer, items, max_new_tokens)
+    return [tokenizer.decode([t for t in g if t != EOS_ID], skip_special_tokens=True) for g in gens]
+
+
+def exact_match(model, tokenizer, items: list[dict], max_new_tokens: int = 48) -> float:
+    from training.rewards import answer_reward
+    if not items:
+        return float("nan")
+    texts = generate_texts(model, tokenizer, items, max_new_tokens)
+    return sum(answer_reward(t, it["answer"]) for t, it in zip(texts, items)) / len(items)
+
+
+def reasoning_scores(model, tokenizer, items: list[dict], max_new_tokens: int = 96, format_weight: float = 0.2) -> dict:
+    """Format adherence, answer exact match and the GRPO reward (greedy decoding)."""
+    from training.rewards import answer_reward, format_reward
+    texts = generate_texts(model, tokenizer, items, max_new_tokens)
+    fmt = [format_reward(t) for t in texts]
+    em = [answer_reward(t, it["answer"]) for t, it in zip(texts, items)]
+    n = max(len(items), 1)
+    return {"format_ok": sum(fmt) / n, "answer_em": sum(em) / n,
+            "reward": sum((1 - format_weight) * e + format_weight * f for e, f in zip(em, fmt)) / n}
+
+
+@torch.no_grad()
+def response_ppl(model, tokenizer, items: list[dict], max_len: int) -> float:
+    """Perplexity of the reference answers (+ end token) given the prompt: the SFT-style held-out loss."""
+    from data.datasets import encode_conversation
+    nll, n = 0.0, 0
+    model.eval()
+    for it in items:
+        enc = encode_conversation(tokenizer, it["messages"] + [{"role": "assistant", "content": it["answer"]}], max_len)
+        ids, labels = torch.as_tensor(enc["input_ids"])[None], torch.as_tensor(enc["labels"])[None]
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        nll += torch.nn.functional.cross_entropy(logits[0], labels[0, 1:], ignore_index=-100, reduction="sum").item()
+        n += int((labels[0, 1:] != -100).sum())
+    return float(torch.exp(torch.tensor(nll / max(n, 1))))
+
+
+def world_qa(world: Path, limit: int) -> list[dict]:
+    """The world's own held-out QA (base domain): context and closed-book questions."""
+    per = max(limit // 2, 1)
+    return read_items(world / "eval" / "context_qa.jsonl", per) + read_items(world / "eval" / "closed_qa.jsonl", per)
+
+
+# ---------------------------------------------------------------- the stages, measured
+
+def _run(folder: Path, marker: str, fn) -> float:
+    """Run a stage unless its output is complete; returns wall seconds (0 when skipped)."""
+    if (folder / marker).is_file():
+        return 0.0
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def posttrain_lora(out: Path, world: Path, preset: str, sft: Path, limit: int) -> dict:
+    from training.lora import main as lora_main
+    from vlm import MiniMindForCausalLM
+    from vlm.lora import ADAPTER_WEIGHTS, load_adapter, merge_adapter, set_active_adapter
+    from vlm.tokenizer import load_tokenizer
+
+    folder = out / "lora"
+    t = _run(folder, ADAPTER_WEIGHTS, lambda: lora_main(["--data", str(world), "--init", str(sft), "--out", str(folder),
+                                                          "--preset", preset]))
+    tok = load_tokenizer(sft)
+    model = MiniMindForCausalLM.from_pretrained(str(sft)).eval()
+    new_items, base_items = read_items(world / "posttrain" / "lora_eval.jsonl", limit), world_qa(world, limit)
+    m = {"lora.time_s": round(t, 1),
+         "lora.new_domain_em_base": exact_match(model, tok, new_items),
+         "lora.base_domain_em_base": exact_match(model, tok, base_items)}
+    base_bytes = (sft / "model.safetensors").stat().st_size
+    load_adapter(model, folder)
+    merge_adapter(model)  # same logits as adapter-on (checked below); fused decoding needs plain weights
+    base_n = sum(p.numel() for n, p in model.named_parameters() if ".lora_" not in n)
+    lora_n = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    m |= {"lora.new_domain_em": exact_match(model, tok, new_items),
+          "lora.base_domain_em": exact_match(model, tok, base_items),
+          "lora.trainable_ratio": lora_n / base_n,
+          "lora.file_ratio": (folder / ADAPTER_WEIGHTS).stat().st_size / base_bytes}
+    ids = torch.randint(4, len(tok), (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        # fp32 shows float rounding (x W + x A B vs x (W + A B): ~1e-6 relative); fp64 shows the maths.
+        for dtype, key in ((torch.float32, "lora.merge_max_abs_diff_fp32"), (torch.float64, "lora.merge_max_abs_diff")):
+            model.to(dtype)
+            merge_adapter(model)
+            merged = model(input_ids=ids).logits
+            set_active_adapter(model, "default")  # unmerges: the adapter-on path
+            m[key] = (model(input_ids=ids).logits - merged).abs().max().item()
+        model.float()
+    m["lora.new_domain_gain_pts"] = 100 * (m["lora.new_domain_em"] - m["lora.new_domain_em_base"])
+    m["lora.base_domain_drop_pts"] = 100 * (m["lora.base_domain_em_base"] - m["lora.base_domain_em"])
+    return m
+
+
+def posttrain_dpo(out: Path, world: Path, preset: str, sft: Path, limit: int) -> dict:
+    from training.dpo import PreferenceDataset, pair_logps, preference_metrics
+    from training.dpo import main as dpo_main
+    from vlm.tokenizer import load_tokenizer
+
+    folder = out / "dpo"
+    t = _run(folder, "model.safetensors", lambda: dpo_main(["--data", str(world), "--init", str(sft), "--out", str(folder),
+                                                            "--preset", preset]))
+    tok = load_tokenizer(sft)
+    ref, policy = load_init(sft)[0].eval(), load_init(folder)[0].eval()
+    held = PreferenceDataset(find_data(world, *DPO_EVAL_FILES), tok, get_preset(preset)["max_len"])
+    beta = STAGE_DEFAULTS[preset]["dpo"]["beta"]
+    pm = preference_metrics(pair_logps(policy, held), pair_logps(ref, held), beta)
+    items = world_qa(world, limit)
+    m = {"dpo.time_s": round(t, 1), "dpo.heldout_pref_acc": pm["pref_acc"], "dpo.heldout_margin": pm["reward_margin"],
+         "dpo.answer_em_sft": exact_match(ref, tok, items), "dpo.answer_em": exact_match(policy, tok, items)}
+    m["dpo.answer_em_drop_pts"] = 100 * (m["dpo.answer_em_sft"] - m["dpo.answer_em"])
+    return m
+
+
+def posttrain_distill(out: Path, world: Path, preset: str, sft: Path, limit: int) -> dict:
+    from training.distill import main as distill_main
+    from training.distill import n_params
+
+    max_len = get_preset(preset)["max_len"]
+    m: dict[str, float] = {}
+    items = world_qa(world, limit)
+    for name, alpha in (("kd", "0.5"), ("sft", "1.0")):
+        folder = out / f"distill_{name}"
+        t = _run(folder, "model.safetensors", lambda: distill_main(
+            ["--data", str(world), "--teacher", str(sft), "--out", str(folder), "--preset", preset, "--alpha", alpha]))
+        student, tok, _ = load_init(folder)
+        m[f"distill.{name}_time_s"] = round(t, 1)
+        m[f"distill.{name}_em"] = exact_match(student.eval(), tok, items)
+        m[f"distill.{name}_ppl"] = response_ppl(student, tok, items, max_len)
+        m["distill.student_params"] = n_params(student)
+    teacher, tok, _ = load_init(sft)
+    m["distill.teacher_params"] = n_params(teacher)
+    m["distill.param_ratio"] = m["distill.student_params"] / m["distill.teacher_params"]
+    m["distill.teacher_em"] = exact_match(teacher.eval(), tok, items)
+    m["distill.teacher_ppl"] = response_ppl(teacher, tok, items, max_len)
+    return m
+
+
+def posttrain_reason(out: Path, world: Path, preset: str, sft: Path, limit: int) -> dict:
+    from training.distill_reason import main as reason_main
+
+    folder = out / "reason"
+    t = _run(folder, "model.safetensors", lambda: reason_main(["--data", str(world), "--init", str(sft), "--out", str(folder),
+                                                               "--preset", preset]))
+    model, tok, _ = load_init(folder)
+    s = reasoning_scores(model, tok, read_items(world / "posttrain" / "reason_eval.jsonl", limit))
+    return {"reason.time_s": round(t, 1), "reason.format_ok": s["format_ok"], "reason.answer_em": s["answer_em"]}
+
+
+def posttrain_grpo(out: Path, world: Path, preset: str, start: Path, limit: int) -> dict:
+    from training.grpo import main as grpo_main
+
+    folder = out / "grpo"
+    t = _run(folder, "model.safetensors", lambda: grpo_main(["--data", str(world), "--init", str(start), "--out", str(folder),
+                                                             "--preset", preset]))
+    items = read_items(world / "posttrain" / "grpo_eval.jsonl", limit)
+    before = reasoning_scores(*load_init(start)[:2], items)
+    after = reasoning_scores(*load_init(folder)[:2], items)
+    return {"grpo.time_s": round(t, 1), "grpo.reward_start": before["reward"], "grpo.reward": after["reward"],
+            "grpo.answer_em_start": before["answer_em"], "grpo.answer_em": after["answer_em"],
+            "grpo.format_ok": after["format_ok"], "grpo.reward_gain_pts": 100 * (after["reward"] - before["reward"])}
+
+
+def run_posttrain(out_dir: str | Path, world_dir: str | Path, preset: str, sft_dir: str | Path) -> dict:
+    """All post-training stages from the SFT checkpoint `sft_dir`; returns flat metrics (also out/posttrain.json)."""
+    out, world, sft = Path(out_dir), Path(world_dir), Path(sft_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    p = get_preset(preset)
+    if not (world / "posttrain" / "manifest.json").is_file():
+        from data.synth_posttrain import write_posttrain_splits
+        write_posttrain_splits(world, 42, p["synth_scale"])
+    limit = p["eval_limit"]
+    metrics: dict[str, float] = {}
+    for stage in (posttrain_lora, posttrain_dpo, posttrain_distill, posttrain_reason):
+        metrics |= stage(out, world, preset, sft, limit)
+        print(f"[posttrain] {stage.__name__}: done", flush=True)
+    metrics |= posttrain_grpo(out, world, preset, out / "reason", limit)
+    (out / "posttrain.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m training.posttrain_pipeline", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--world", required=True, help="synthetic world folder")
+    ap.add_argument("--sft", required=True, help="SFT checkpoint folder (model + tokenizer)")
+    ap.add_argument("--preset", default="tiny")
+    args = ap.parse_args(argv)
+    metrics = run_posttrain(args.out, args.world, args.preset, args.sft)
+    print(json.dumps(metrics, indent=2))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Contrastive pretraining of a small open_clip model from scratch on image-caption pairs.
+
+`python -m training.pretrain_clip --data DIR_OR_JSONL --out DIR [--preset tiny] [--model minimind-clip-tiny]`
+
+--data: a folder holding `clip_pretrain.jsonl` (what `data.scenes` writes) or a jsonl file whose rows
+are `{"image", "caption"}` or minimind-v pretrain rows `{"conversations", "image"}` (the assistant
+turn is the caption). Image paths are relative to --images (default: `DATA/images`).
+
+The stage is the shared Trainer plus open_clip's `ClipLoss` (symmetric InfoNCE over the in-batch
+pairs). A batch's loss is a mean over its pairs, so the stage reports `loss_sum = loss * batch` with
+one unit per pair. Note: contrastive negatives come from one micro-batch, so unlike the LM stages a
+larger --batch-size is not equivalent to --grad-accum (nor, under DDP, to more ranks).
+
+Output: an open_clip checkpoint folder (`open_clip_config.json` + `open_clip_model.safetensors`,
+see `vlm.vision`), plus the Trainer's metrics/plots, and `retrieval.json`: image->caption and
+caption->image top-1 accuracy among `--eval-n` held-out scenes (DATA/eval/captions.jsonl), for
+the trained model and for the same architecture at random init.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import open_clip
+import torch
+from torch.utils.data import Dataset
+
+from training.cli import add_common_args, config_from_args
+from training.trainer import LossOutput, Trainer
+from vlm.images import load_image
+from vlm.vision import VisionEncoder, clip_eval_transform, load_clip, save_clip_checkpoint
+
+log = logging.getLogger(__name__)
+
+CLIP_PRESETS: dict[str, dict] = {  # stage defaults per preset; the flags override them
+    "micro": dict(model="minimind-clip-micro", max_steps=30, batch_size=32, lr=2e-3, warmup_steps=3),
+    "tiny": dict(model="minimind-clip-tiny", max_steps=400, batch_size=64, lr=1e-3, warmup_steps=30),
+    "small": dict(model="minimind-clip-small", epochs=8, batch_size=256, lr=5e-4, warmup_steps=200),
+}
+MAX_LOGIT_SCALE = 100.0  # CLIP's clamp on the learned temperature
+
+
+def _caption_of(row: dict) -> str | None:
+    if isinstance(row.get("caption"), str):
+        return row["caption"]
+    turns = [t for t in row.get("conversations") or [] if isinstance(t, dict) and t.get("role") == "assistant"]
+    return turns[-1].get("content") if turns else None
+
+
+class CaptionPairs(Dataset):
+    """(image path, caption) rows of a jsonl file; bad rows and missing images are skipped with a warning."""
+
+    def __init__(self, jsonl: Path, image_root: Path, preprocess):
+        self.image_root, self.preprocess = image_root, preprocess
+        self.rows: list[tuple[Path, str]] = []
+        skipped = 0
+        for n, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                image, text = row.get("image"), _caption_of(row)
+                if not isinstance(image, str) or not text:
+                    raise ValueError("needs an 'image' path and a 'caption' (or an assistant turn)")
+                path = image_root / image
+                if not path.is_file():
+                    raise ValueError(f"image {path} not found")
+            except (ValueError, AttributeError) as e:
+                skipped += 1
+                if skipped <= 5:
+                    log.warning("%s:%d: skipped (%s)", jsonl, n, e)
+                continue
+            self.rows.append((path, text.replace("<image>", "").strip()))
+        if skipped:
+            log.warning("%s: %d bad rows skipped, %d kept", jsonl, skipped, len(self.rows))
+        if not self.rows:
+            raise SystemExit(f"{jsonl}: no usable image-caption rows")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        path, text = self.rows[i]
+        return {"image": self.preprocess(load_image(path)), "caption": text}
+
+
+def make_collate(tokenizer):
+    def collate(items: list[dict]) -> dict:
+        return {"images": torch.stack([it["image"] for it in items]),
+                "texts": tokenizer([it["caption"] for it in items])}
+    return collate
+
+
+_clip_loss = open_clip.ClipLoss()
+
+
+def clip_loss(model, batch: dict) -> LossOutput:
+    """Symmetric contrastive loss of the batch; one unit per image-caption pair."""
+    device = next(model.parameters()).device
+    image_features, text_features, logit_scale = model(batch["images"].to(device), batch["texts"].to(device))[:3]
+    logit_scale = logit_scale.clamp(max=MAX_LOGIT_SCALE)
+    loss = _clip_loss(image_features, text_features, logit_scale)
+    with torch.no_grad():
+        logits = image_features @ text_features.T
+        acc = (logits.argmax(dim=1) == torch.arange(len(logits), device=device)).float().mean()
+    n = len(batch["images"])
+    return LossOutput(loss_sum=loss * n, count=n,
+                      metrics={"batch_i2t_acc": float(acc), "logit_scale": float(logit_scale.detach())})
+
+
+# -- held-out retrieval ------------------------------------------------------------------------------
+def retrieval_accuracy(encoder: VisionEncoder, rows: list[dict], image_root: Path, key: str = "caption") -> dict:
+    """Top-1 image->caption and caption->image accuracy among `rows` (`{"image", key}`).
+
+    A retrieved caption counts as correct when its text equals the image's own caption (two scenes
+    may share a description), and likewise for a retrieved image.
+    """
+    captions = [r[key] for r in rows]
+    img = encoder.embed_images([image_root / r["image"] for r in rows])
+    txt = encoder.embed_texts(captions)
+    sim = img @ txt.T
+    i2t_hits = [captions[j] == captions[i] for i, j in enumerate(sim.argmax(dim=1).tolist())]
+    t2i_hits = [captions[j] == captions[i] for i, j in enumerate(sim.argmax(dim=0).tolist())]
+    report = {"i2t_top1": round(sum(i2t_hits) / len(rows), 4), "t2i_top1": round(sum(t2i_hits) / len(rows), 4),
+              "n": len(rows)}
+    unseen = [hit for hit, r in zip(i2t_hits, rows) if r.get("unseen_combo")]
+    if unseen:  # images holding a colour+shape pair that never occurred in training
+        report.update(unseen_i2t_top1=round(sum(unseen) / len(unseen), 4), unseen_n=len(unseen))
+    return report
+
+
+def evaluate_retrieval(checkpoint: Path, model_name: str, data_dir: Path, image_root: Path, n: int) -> dict:
+    """Retrieval of the saved checkpoint vs. the same architecture at random init, per language."""
+    file = data_dir / "eval" / "captions.jsonl"
+    if not file.is_file():
+        return {}
+    rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()][:n]
+    trained = VisionEncoder.from_open_clip(pretrained=str(checkpoint))
+    random_init = VisionEncoder.from_open_clip(model_name)
+    report = {"eval_file": str(file), "encoder": trained.identity}
+    for lang, key in (("en", "caption"), ("zh", "caption_zh")):
+        if all(key in r for r in rows):
+            report[lang] = retrieval_accuracy(trained, rows, image_root, key)
+            report[f"{lang}_random_init"] = retrieval_accuracy(random_init, rows, image_root, key)
+    return report
+
+
+# -- CLI ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.pretrain_clip", description=__doc__.splitlines()[0])
+    add_common_args(p)
+    p.add_argument("--model", help="open_clip model config name (default: from preset, minimind-clip-*)")
+    p.add_argument("--images", help="folder the jsonl image paths are relative to (default: DATA/images)")
+    p.add_argument("--eval-n", type=int, default=100, help="held-out scenes in the retrieval check (0: skip)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    preset = known.preset or "tiny"
+    if preset not in CLIP_PRESETS:
+        raise SystemExit(f"unknown preset {preset!r}; choose one of {sorted(CLIP_PRESETS)}")
+    parser.set_defaults(**CLIP_PRESETS[preset])
+    args = parser.parse_args(argv)
+
+    data = Path(args.data)
+    jsonl = data / "clip_pretrain.jsonl" if data.is_dir() else data
+    if not jsonl.is_file():
+        raise SystemExit(f"--data: {jsonl} does not exist (a jsonl file or a folder holding clip_pretrain.jsonl)")
+    data_dir = jsonl.parent
+    image_root = Path(args.images) if args.images else data_dir / "images"
+
+    torch.manual_seed(args.seed)
+    if args.init:  # continue from a checkpoint folder; its own config decides the architecture
+        model, model_name, model_cfg, tok_id = load_clip(pretrained=args.init)
+    else:
+        model, model_name, model_cfg, tok_id = load_clip(args.model, None, seed=args.seed)
+    model.output_dict = False
+    # open_clip's eval transform, also for training: random crops or flips would change the
+    # left/right/top answers of the scenes.
+    preprocess, _ = clip_eval_transform(model)
+    dataset = CaptionPairs(jsonl, image_root, preprocess)
+    tokenizer = open_clip.get_tokenizer(tok_id)
+
+    def save(m, out_dir):
+        save_clip_checkpoint(getattr(m, "module", m), model_name, model_cfg, out_dir)
+
+    trainer = Trainer(model, dataset, make_collate(tokenizer), clip_loss, config_from_args(args),
+                      count_fn=lambda b: len(b["images"]), save_fn=save)
+    summary = trainer.train()
+    is_main = not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                   and torch.distributed.get_rank() != 0)
+    out = Path(args.out)
+    if is_main and args.eval_n > 0 and (out / "open_clip_config.json").is_file():
+        report = evaluate_retrieval(out, model_name, data_dir, image_root, args.eval_n)
+        if report:
+            (out / "retrieval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+            summary = {**summary, "retrieval": report}
+            print(json.dumps({"retrieval": report}, ensure_ascii=False))
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

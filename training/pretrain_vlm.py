@@ -1,0 +1,195 @@
+"""VLM pretraining: image-caption conversations teach the projector to map patch features into the LM.
+
+`python -m training.pretrain_vlm --data DIR_OR_FILE --out DIR --init LM_OR_VLM_DIR --vision ENCODER
+ [--freeze projector] [--projector linear|mlp] [--preset tiny] ...`
+
+--init: an LM checkpoint folder (a new VLM is built around it: LM weights copied, new projector)
+or a MiniMind-V folder (continued as is; its own encoder is kept). --vision: an open_clip model
+name (`ViT-B-16`, `minimind-clip-tiny`, with `--vision-pretrained TAG_OR_FILE` for its weights) or
+a CLIP checkpoint folder written by `training.pretrain_clip`. --data: a folder holding this stage's
+file (`vlm_pretrain.jsonl`; `vlm_sft.jsonl` for SFT) or a minimind-v `.jsonl` / `.parquet` or LLaVA
+`.json` file; image paths are relative to --images (default: DATA/images).
+
+The encoder is frozen, so its patch features are computed once into the feature cache
+(`--feature-cache`, default DATA/feature_cache; `none` re-encodes every step) and read back in
+every epoch and by the SFT stage. This module also holds what `training.sft_vlm` shares with it
+(`run_vlm_stage`): the two stages differ only in data file and defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig
+
+from data.vlm_datasets import VLMDataset, open_source, vlm_collate
+from training.cli import add_common_args, config_from_args
+from training.freeze import POLICIES, apply_freeze, trainable_predicate
+from training.trainer import LossOutput, Trainer
+from vlm import MiniMindForCausalLM
+from vlm.configuration_vlm import MiniMindVLMConfig, PROJECTOR_TYPES
+from vlm.feature_cache import FeatureCache
+from vlm.modeling_vlm import MiniMindVLM
+from vlm.processor import VLMProcessor
+from vlm.tokenizer import load_tokenizer
+from vlm.vision import VisionEncoder
+
+log = logging.getLogger(__name__)
+
+STAGES = {  # per stage: default data file, freeze policy, and per-preset Trainer defaults
+    "pretrain_vlm": dict(
+        data_file="vlm_pretrain.jsonl", freeze="projector",
+        presets={"micro": dict(max_steps=30, batch_size=8, lr=3e-3, warmup_steps=3),
+                 "tiny": dict(max_steps=300, batch_size=16, lr=2e-3, warmup_steps=20),
+                 "small": dict(epochs=1, batch_size=32, lr=1e-3, warmup_steps=100)}),
+    "sft_vlm": dict(
+        data_file="vlm_sft.jsonl", freeze="projector+first_last",
+        presets={"micro": dict(max_steps=40, batch_size=8, lr=2e-3, warmup_steps=4),
+                 "tiny": dict(max_steps=800, batch_size=16, lr=1e-3, warmup_steps=40),
+                 "small": dict(epochs=2, batch_size=32, lr=3e-4, warmup_steps=100)}),
+}
+TEXT_BUDGET = 128  # default --max-len: the image tokens plus this many text tokens
+
+
+def vlm_loss(model, batch: dict) -> LossOutput:
+    """Summed next-token CE over supervised (assistant) tokens; images spliced in by the model."""
+    device = next(model.parameters()).device
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values", "image_features")
+              if batch.get(k) is not None}
+    out = model(**inputs)
+    labels = batch["labels"].to(device)[:, 1:]
+    keep = labels != -100
+    loss_sum = F.cross_entropy(out.logits[:, :-1][keep].float(), labels[keep], reduction="sum")
+    n_images = len(inputs.get("image_features", inputs.get("pixel_values", ())))
+    return LossOutput(loss_sum=loss_sum, count=int(keep.sum()), aux=out.aux_loss, metrics={"images": float(n_images)})
+
+
+# -- model -------------------------------------------------------------------------------------------
+def load_encoder(vision: str, pretrained: str | None = None) -> VisionEncoder:
+    """An open_clip name (+ optional tag/weights file) or a CLIP checkpoint folder."""
+    if Path(vision).is_dir():
+        return VisionEncoder.from_open_clip(pretrained=vision)
+    return VisionEncoder.from_open_clip(vision, pretrained=pretrained)
+
+
+def build_vlm(init: str, vision: str | None, vision_pretrained: str | None, projector: str) -> MiniMindVLM:
+    """Continue a MiniMind-V folder, or wrap an LM folder with the named encoder and a new projector."""
+    config = AutoConfig.from_pretrained(init)
+    if isinstance(config, MiniMindVLMConfig):
+        if vision:
+            log.warning("--init %s is already a VLM: its own encoder %s is kept, --vision %s ignored",
+                        init, config.vision_model_name, vision)
+        return MiniMindVLM.from_pretrained(init)
+    if not vision:
+        raise SystemExit(f"--init {init} is a language model: name the image encoder with --vision "
+                         "(an open_clip name such as ViT-B-16, or a folder from training.pretrain_clip)")
+    lm = MiniMindForCausalLM.from_pretrained(init)
+    return MiniMindVLM.from_lm(lm, load_encoder(vision, vision_pretrained), projector,
+                               vision_pretrained=vision_pretrained or (vision if Path(vision).is_dir() else None))
+
+
+# -- data --------------------------------------------------------------------------------------------
+def resolve_data(data: str, default_name: str) -> Path:
+    path = Path(data)
+    path = path / default_name if path.is_dir() else path
+    if not path.is_file():
+        raise SystemExit(f"--data: {path} does not exist (a .jsonl/.parquet/.json file or a folder holding {default_name})")
+    return path
+
+
+def build_dataset(model: MiniMindVLM, tokenizer, data_file: Path, images: str | None, cache_dir: str | None,
+                  max_len: int, device: str = "cpu") -> VLMDataset:
+    """The stage's dataset; with a cache dir the features are encoded now (on `device`) and reused."""
+    source = open_source(data_file, images)
+    encoder = model.vision
+    if cache_dir is None:
+        return VLMDataset(source, tokenizer, model.num_image_tokens, max_len, preprocess=encoder.preprocess)
+    home = encoder.device
+    cache = FeatureCache(cache_dir, encoder.to(device))
+    try:
+        return VLMDataset(source, tokenizer, model.num_image_tokens, max_len, feature_cache=cache)
+    finally:
+        encoder.to(home)
+        cache.encoder = None  # training only reads features; keeps the encoder out of worker pickles
+
+
+def encode_device(requested: str | None) -> str:
+    if requested in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+# -- CLI ---------------------------------------------------------------------------------------------
+def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m training.{stage}", description=description)
+    add_common_args(p)
+    p.add_argument("--vision", help="open_clip model name or CLIP checkpoint folder (needed when --init is an LM)")
+    p.add_argument("--vision-pretrained", help="open_clip pretrained tag or weights file for --vision NAME")
+    p.add_argument("--projector", choices=PROJECTOR_TYPES, default="linear", help="for a new VLM (default: linear)")
+    p.add_argument("--freeze", choices=POLICIES, help=f"what trains (default: {STAGES[stage]['freeze']})")
+    p.add_argument("--images", help="folder the image paths are relative to (default: DATA/images)")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: --init)")
+    p.add_argument("--max-len", type=int, help=f"tokens per sample (default: image tokens + {TEXT_BUDGET})")
+    p.add_argument("--feature-cache", default=None,
+                   help="feature cache folder (default: DATA/feature_cache); 'none': encode images every step")
+    return p
+
+
+def run_vlm_stage(stage: str, argv: list[str] | None, description: str,
+                  extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
+                  after: Callable[[argparse.Namespace, Path, dict], dict] | None = None) -> dict:
+    """Parse the flags, build model + dataset, train; `after(args, data_file, summary)` may add results."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    spec = STAGES[stage]
+    parser = build_parser(stage, description)
+    if extra_args is not None:
+        extra_args(parser)
+    known, _ = parser.parse_known_args(argv)
+    preset = known.preset or "tiny"
+    if preset not in spec["presets"]:
+        raise SystemExit(f"unknown preset {preset!r}; choose one of {sorted(spec['presets'])}")
+    parser.set_defaults(**spec["presets"][preset], freeze=spec["freeze"])
+    args = parser.parse_args(argv)
+    if not args.init:
+        raise SystemExit("--init is required: an LM checkpoint folder (or a MiniMind-V folder)")
+
+    torch.manual_seed(args.seed)
+    model = build_vlm(args.init, args.vision, args.vision_pretrained, args.projector)
+    tok_dir = Path(args.tokenizer or args.init)
+    tokenizer = load_tokenizer(tok_dir)
+    data_file = resolve_data(args.data, spec["data_file"])
+    cache_dir = None if (args.feature_cache or "").lower() == "none" else \
+        (args.feature_cache or str(data_file.parent / "feature_cache"))
+    max_len = args.max_len or model.num_image_tokens + TEXT_BUDGET
+    dataset = build_dataset(model, tokenizer, data_file, args.images, cache_dir, max_len, encode_device(args.device))
+    apply_freeze(model, args.freeze)
+    n_train = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
+    print(json.dumps({"stage": stage, "freeze": args.freeze, "trainable_params": n_train,
+                      "total_params": sum(p.numel() for p in model.parameters()), "samples": len(dataset),
+                      "skipped": len(dataset.skipped), "image_tokens": model.num_image_tokens,
+                      "feature_cache": str(dataset.cache.dir) if dataset.cache else None}))
+    processor = VLMProcessor.from_config(model.config, tokenizer)
+
+    def save(m, out_dir):
+        m = getattr(m, "module", m)
+        m.save_pretrained(out_dir)
+        processor.save_pretrained(out_dir)
+
+    trainer = Trainer(model, dataset, vlm_collate, vlm_loss, config_from_args(args),
+                      trainable=trainable_predicate(args.freeze, model.config.num_hidden_layers), save_fn=save)
+    summary = trainer.train()
+    return after(args, data_file, summary) if after is not None else summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run_vlm_stage("pretrain_vlm", argv, __doc__.splitlines()[0])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,57 @@
+"""MiniMindVLMConfig: the MiniMind LM's hyperparameters plus the vision encoder and the projector.
+
+The config is flat (it *is* a `MiniMindConfig` with extra fields) because the VLM *is* the LM with
+two modules added: an LM checkpoint's keys load into the VLM unchanged, and every LM tool that reads
+`config.hidden_size`, `config.num_hidden_layers`, ... (`fast_generate`, LoRA) works on the VLM as is.
+
+Vision fields:
+- `vision_model_name`: the open_clip model name (`ViT-B-16`, `minimind-clip-tiny`, ...);
+- `vision_model_cfg` / `vision_preprocess_cfg`: open_clip's architecture and preprocessing dicts,
+  saved so that a checkpoint rebuilds its encoder without any lookup or download;
+- `vision_pretrained`: where the encoder weights came from (an open_clip tag or a path), recorded
+  for provenance; the weights themselves are stored in the checkpoint (`vision.*` keys);
+- `vision_hidden_size` (D) and `num_image_tokens` (N, patch tokens per image): read from the
+  encoder when the VLM is built; the processor writes N placeholder ids per `<image>`.
+"""
+from __future__ import annotations
+
+from .configuration_minimind import MiniMindConfig
+from .tokenizer import IMAGE_ID
+
+PROJECTOR_TYPES = ("linear", "mlp")
+
+
+class MiniMindVLMConfig(MiniMindConfig):
+    model_type = "minimind-v"
+
+    def __init__(
+        self,
+        vision_model_name: str = "minimind-clip-tiny",
+        vision_model_cfg: dict | None = None,
+        vision_preprocess_cfg: dict | None = None,
+        vision_pretrained: str | None = None,
+        vision_hidden_size: int | None = None,
+        num_image_tokens: int | None = None,
+        projector_type: str = "linear",
+        image_token_id: int = IMAGE_ID,
+        **kwargs,
+    ):
+        if projector_type not in PROJECTOR_TYPES:
+            raise ValueError(f"projector_type must be one of {PROJECTOR_TYPES}, got {projector_type!r}")
+        self.vision_model_name = vision_model_name
+        self.vision_model_cfg = vision_model_cfg
+        self.vision_preprocess_cfg = vision_preprocess_cfg
+        self.vision_pretrained = vision_pretrained
+        self.vision_hidden_size = vision_hidden_size
+        self.num_image_tokens = num_image_tokens
+        self.projector_type = projector_type
+        self.image_token_id = image_token_id
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_text_config(cls, text_config: MiniMindConfig, **vision_kwargs) -> "MiniMindVLMConfig":
+        """A VLM config that keeps every LM hyperparameter of `text_config`."""
+        fields = text_config.to_dict()
+        for key in ("model_type", "architectures", "transformers_version", "auto_map", "dtype", "torch_dtype"):
+            fields.pop(key, None)
+        return cls(**fields, **vision_kwargs)
