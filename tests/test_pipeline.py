@@ -1,4 +1,5 @@
-"""The `micro` pipeline end to end: synth -> tokenizer -> pretrain -> SFT -> evaluate -> report."""
+"""The `micro` pipeline end to end: synth -> tokenizer -> pretrain -> SFT -> evaluate, then CLIP ->
+VLM pretrain -> VLM SFT -> VQA, then the post-training stages -> report."""
 import json
 
 import pytest
@@ -25,6 +26,18 @@ def test_report_has_flat_metrics_and_timings(micro_run):
     assert "![pretrain loss](pretrain/loss.png)" in md and (out / "pretrain" / "loss.png").is_file()
 
 
+def test_vlm_and_posttrain_sections(micro_run):
+    out, report = micro_run
+    for key in ("vlm.vqa_acc", "vlm.vqa_acc.unseen_combo", "vlm.vqa_acc.lang.en", "vlm.vqa_acc.lang.zh", "vlm.vqa_acc.type.count", "time.clip_s",
+                "time.pretrain_vlm_s", "time.sft_vlm_s", "time.posttrain_s", "lora.trainable_ratio"):
+        assert key in report, key
+    assert 0.0 <= report["vlm.vqa_acc"] <= 1.0 and report["vlm.vqa_n"] == 30
+    md = (out / "report.md").read_text()
+    assert "VQA exact match by question type" in md and "![vlm_sft loss](vlm_sft/loss.png)" in md
+    # the tokenizer saw every stage's text, the held-out splits never
+    assert (out / "world" / "scenes" / "vlm_sft.jsonl").is_file() and (out / "world" / "posttrain").is_dir()
+
+
 def test_training_reduced_the_loss_and_wrote_hf_folders(micro_run):
     out, report = micro_run
     rows = [json.loads(l) for l in (out / "pretrain" / "metrics.jsonl").read_text().splitlines() if l.strip()]
@@ -41,5 +54,5 @@ def test_rerun_skips_finished_stages(micro_run, capsys):
     out, _ = micro_run
     pipeline_main(["--preset", "micro", "--out", str(out)])
     log = capsys.readouterr().out
-    for stage in ("synth", "tokenizer", "pretrain", "sft", "evaluate"):
+    for stage in ("synth", "tokenizer", "pretrain", "sft", "evaluate", "clip", "pretrain_vlm", "sft_vlm", "posttrain"):
         assert f"[pipeline] {stage}: already done" in log

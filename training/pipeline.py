@@ -1,7 +1,11 @@
 """Every stage in order: `python -m training.pipeline --preset {micro,tiny,small} --out DIR`.
 
-synth -> tokenizer -> pretrain -> sft -> evaluate, each in its own sub-folder of DIR; writes
-DIR/report.json (flat metric names, stage wall times) and DIR/report.md (tables + loss plots).
+lm:   synth (world + scenes + post-training data) -> tokenizer -> pretrain -> sft -> evaluate
+vlm:  clip (from-scratch CLIP on the scenes) -> pretrain_vlm -> sft_vlm -> VQA evaluation
+post: LoRA, DPO, distillation, reasoning distillation, GRPO (each measured on held-out data)
+
+Each stage writes its own sub-folder of DIR; DIR/report.json holds flat metric names and stage wall
+times, DIR/report.md the tables and loss plots. `--stages lm,vlm` picks groups (default: all).
 A stage whose output folder already holds a finished model is skipped unless --force is given,
 so an interrupted pipeline continues where it stopped.
 """
@@ -20,13 +24,17 @@ def _done(folder: Path, marker: str) -> bool:
     return (folder / marker).exists()
 
 
-def build_steps(out: Path, preset_name: str, seed: int, extra: list[str]) -> list[tuple[str, str, Callable[[], dict | None]]]:
-    """(name, marker file that proves it finished, function) for each stage."""
+GROUPS = ("lm", "vlm", "post")
+
+
+def build_steps(out: Path, preset_name: str, seed: int, extra: list[str],
+                groups: tuple[str, ...] = GROUPS) -> list[tuple[str, str, Callable[[], dict | None]]]:
+    """(name, marker file that proves it finished, function) for each stage of the chosen groups."""
     preset = get_preset(preset_name)
-    world, tok = out / "world", out / "world" / "tokenizer"
+    world, tok, scenes = out / "world", out / "world" / "tokenizer", out / "world" / "scenes"
     common = ["--preset", preset_name, "--seed", str(seed), *extra]
 
-    def synth():
+    def synth():  # every part before the tokenizer, so that its vocabulary covers every stage's text
         from data.synth.__main__ import main as synth_main
         synth_main(["--out", str(world), "--seed", str(seed), "--scale", preset["synth_scale"]])
 
@@ -50,13 +58,55 @@ def build_steps(out: Path, preset_name: str, seed: int, extra: list[str]) -> lis
         (out / "eval.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
         return metrics
 
-    return [
-        ("synth", "world/manifest.json", synth),
-        ("tokenizer", "world/tokenizer/tokenizer.json", tokenizer),
-        ("pretrain", "pretrain/model.safetensors", pretrain),
-        ("sft", "sft/model.safetensors", sft),
-        ("evaluate", "eval.json", evaluate),
-    ]
+    def clip():
+        from training.pretrain_clip import main as clip_main
+        return clip_main(["--data", str(scenes), "--out", str(out / "clip"), *common])
+
+    def pretrain_vlm():
+        from training.pretrain_vlm import main as pretrain_vlm_main
+        return pretrain_vlm_main(["--data", str(scenes), "--init", str(out / "sft"), "--vision", str(out / "clip"),
+                                  "--out", str(out / "vlm_pretrain"), *common])
+
+    def sft_vlm():
+        from training.sft_vlm import main as sft_vlm_main
+        return sft_vlm_main(["--data", str(scenes), "--init", str(out / "vlm_pretrain"), "--out", str(out / "vlm_sft"),
+                             "--eval-n", str(preset["vqa_limit"]), *common])
+
+    def posttrain():
+        from training.posttrain_pipeline import run_posttrain
+        return run_posttrain(out / "post", world, preset_name, out / "sft")
+
+    steps = {
+        "lm": [("synth", "world/posttrain/manifest.json", synth),
+               ("tokenizer", "world/tokenizer/tokenizer.json", tokenizer),
+               ("pretrain", "pretrain/model.safetensors", pretrain),
+               ("sft", "sft/model.safetensors", sft),
+               ("evaluate", "eval.json", evaluate)],
+        "vlm": [("clip", "clip/retrieval.json", clip),
+                ("pretrain_vlm", "vlm_pretrain/model.safetensors", pretrain_vlm),
+                ("sft_vlm", "vlm_sft/vqa.json", sft_vlm)],
+        "post": [("posttrain", "post/posttrain.json", posttrain)],
+    }
+    return [step for group in GROUPS if group in groups for step in steps[group]]
+
+
+def collect_metrics(out: Path) -> dict[str, float]:
+    """The flat metrics every finished stage left on disk."""
+    metrics: dict[str, float] = {}
+    for name in ("eval.json", "vlm_sft/vqa.json", "post/posttrain.json"):
+        if (out / name).is_file():
+            metrics |= json.loads((out / name).read_text(encoding="utf-8"))
+    retrieval = out / "clip" / "retrieval.json"
+    if retrieval.is_file():
+        for key, value in _flatten(json.loads(retrieval.read_text(encoding="utf-8")), "clip").items():
+            metrics[key] = value
+    return metrics
+
+
+def _flatten(obj, prefix: str) -> dict[str, float]:
+    if isinstance(obj, dict):
+        return {k: v for key, val in obj.items() for k, v in _flatten(val, f"{prefix}.{key}").items()}
+    return {prefix: obj} if isinstance(obj, (int, float)) else {}
 
 
 def write_report(out: Path, preset: str, timings: dict[str, float], metrics: dict[str, float]) -> dict:
@@ -65,8 +115,12 @@ def write_report(out: Path, preset: str, timings: dict[str, float], metrics: dic
     (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     lines = [f"# Pipeline report: preset `{preset}`", "", "| metric | value |", "| --- | --- |"]
     lines += [f"| `{k}` | {v:.4g} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in report.items()]
+    vqa = {k[len("vlm.vqa_acc."):]: v for k, v in report.items() if k.startswith("vlm.vqa_acc.")}
+    if vqa:
+        lines += ["", "## VQA exact match by question type (held-out scenes)", "", "| group | accuracy |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in sorted(vqa.items())]
     lines += ["", "## Loss curves", ""]
-    for stage in ("pretrain", "sft"):
+    for stage in ("pretrain", "sft", "clip", "vlm_pretrain", "vlm_sft"):
         if (out / stage / "loss.png").is_file():
             lines += [f"### {stage}", "", f"![{stage} loss]({stage}/loss.png)", ""]
     if (out / "eval_samples.jsonl").is_file():
@@ -86,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--force", action="store_true", help="rerun stages that already finished")
+    p.add_argument("--stages", default=",".join(GROUPS), help=f"comma-separated groups out of {','.join(GROUPS)}")
     p.add_argument("--device", default=None, help="passed to every training stage (cpu, cuda, auto)")
     p.add_argument("--dtype", default=None, help="passed to every training stage (fp32, bf16, auto)")
     args = p.parse_args(argv)
@@ -94,8 +149,12 @@ def main(argv: list[str] | None = None) -> dict:
     extra = [f for flag, val in (("--device", args.device), ("--dtype", args.dtype)) if val for f in (flag, val)]
     timings_file = out / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.is_file() and not args.force else {}
-    metrics: dict[str, float] = {}
-    for name, marker, fn in build_steps(out, args.preset, args.seed, extra):
+    groups = tuple(g.strip() for g in args.stages.split(",") if g.strip())
+    if unknown := set(groups) - set(GROUPS):
+        raise SystemExit(f"--stages: unknown group(s) {sorted(unknown)}; choose from {','.join(GROUPS)}")
+    if "lm" not in groups and not (out / "sft" / "model.safetensors").is_file():
+        raise SystemExit(f"--stages {args.stages}: the vlm and post stages start from {out}/sft; run the lm group first")
+    for name, marker, fn in build_steps(out, args.preset, args.seed, extra, groups):
         if not args.force and _done(out, marker):
             print(f"[pipeline] {name}: already done ({marker}), skipping")
         else:
@@ -104,8 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
             fn()
             timings[name] = time.perf_counter() - t0
             timings_file.write_text(json.dumps(timings, indent=2))
-    if (out / "eval.json").is_file():
-        metrics = json.loads((out / "eval.json").read_text(encoding="utf-8"))
+    metrics = collect_metrics(out)
     report = write_report(out, args.preset, timings, metrics)
     print(json.dumps(report, indent=2, ensure_ascii=False))
     return report

@@ -15,6 +15,7 @@ PRESETS: dict[str, dict] = {
         "pretrain": dict(max_steps=40, batch_size=8, lr=3e-3, warmup_steps=4),
         "sft": dict(max_steps=40, batch_size=8, lr=2e-3, warmup_steps=4),
         "eval_limit": 16,
+        "vqa_limit": 30,
     },
     "tiny": {
         "synth_scale": "tiny",
@@ -24,6 +25,7 @@ PRESETS: dict[str, dict] = {
         "pretrain": dict(max_steps=1200, batch_size=16, lr=2e-3, warmup_steps=60),
         "sft": dict(max_steps=600, batch_size=16, lr=1e-3, warmup_steps=30),
         "eval_limit": 200,
+        "vqa_limit": 300,
     },
     "small": {
         "synth_scale": "small",
@@ -33,6 +35,7 @@ PRESETS: dict[str, dict] = {
         "pretrain": dict(epochs=2, batch_size=32, lr=5e-4, warmup_steps=200),
         "sft": dict(epochs=2, batch_size=32, lr=2e-4, warmup_steps=100),
         "eval_limit": 500,
+        "vqa_limit": 500,
     },
 }
 
