@@ -38,6 +38,9 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer folder (default: --init, else DATA/tokenizer)")
     p.add_argument("--max-len", type=int, help="truncate samples to this many tokens (default: from preset)")
     p.add_argument("--moe", action="store_true", help="mixture-of-experts feed-forward for a new model")
+    p.add_argument("--replay-pretrain", type=float, default=0.0,
+                   help="SFT: mix in pretrain documents (DATA/pretrain.jsonl), this many per SFT sample, "
+                        "so fine-tuning does not wash out the knowledge learned in pretraining")
     return p
 
 
@@ -74,6 +77,15 @@ def run_lm_stage(stage: str, dataset_cls, data_name: str, argv: list[str] | None
     torch.manual_seed(args.seed)
     model = build_model(args, preset, tokenizer)
     dataset = dataset_cls(data_file, tokenizer, args.max_len)
+    replay_file = data_file.parent / "pretrain.jsonl"
+    if args.replay_pretrain > 0 and replay_file.is_file() and replay_file != data_file:
+        from torch.utils.data import ConcatDataset, Subset
+
+        from data.datasets import PretrainDataset
+        replay = PretrainDataset(replay_file, tokenizer, args.max_len)
+        n = min(len(replay), int(args.replay_pretrain * len(dataset)))
+        picked = torch.randperm(len(replay), generator=torch.Generator().manual_seed(args.seed))[:n].tolist()
+        dataset = ConcatDataset([dataset, Subset(replay, picked)])
 
     def save(m, out_dir):
         m.save_pretrained(out_dir)
