@@ -6,8 +6,12 @@ Corpus: msmarco-5k + 45k word windows of its passages (bench_rag_data.corpus_50k
 level with msmarco's qrels (43 queries); both contenders retrieve 30 chunks per query and are scored on
 the first 10 distinct passages. Embedder: all-MiniLM-L6-v2 (../shared/models), vectors computed once and
 cached (bench_rag_data.cached_embeddings); both contenders read the same vectors, so index-build times
-exclude model inference for both. With `--live-queries` the query is embedded by MiniLM at query time
-(the same ~10-20 ms added to both contenders).
+exclude model inference for both. With `--live-queries` each contender embeds the query with MiniLM at
+query time through its own normal path: ours `rag.SentenceTransformerEmbedder.embed_query` (its fast
+single-query path; LRU query cache off, so nothing is answered from a cache), LangChain
+`HuggingFaceEmbeddings(encode_kwargs={"normalize_embeddings": True})` (sentence-transformers `encode`).
+Both models are loaded and warmed up before timing; the two query vectors are checked equal
+(`query_vec_max_abs_diff`) and the encoding alone is timed too (`query_embed_p50_ms`).
 
 1. BM25 (same tokens for both: rag.tokenize): scores and top-10 of every query vs rank_bm25.BM25Okapi;
    build time; query throughput (contenders alternate, order rotating per round; median ratio).
@@ -87,6 +91,25 @@ def first_passages(sources: list[str], k: int = 10) -> list[str]:
     return list(dict.fromkeys(sources))[:k]
 
 
+def cached_docs_live_queries(docs, live):
+    """Our embedder for --live-queries: document vectors from the cache, queries through the live model."""
+    from rag.embedders import Embedder
+
+    class CachedDocsLiveQueries(Embedder):
+        dim, name, dense_weight = docs.dim, docs.name, docs.dense_weight
+
+        def spec(self):
+            return docs.spec()
+
+        def _embed(self, texts, progress):
+            return docs._embed(texts, progress)
+
+        def embed_query(self, text):
+            return live.embed_query(text)
+
+    return CachedDocsLiveQueries()
+
+
 def hybrid_part(texts, sources, queries, qrels, lookup, rounds: int, live_queries: bool) -> dict:
     from langchain_classic.retrievers import EnsembleRetriever
     from langchain_community.retrievers import BM25Retriever
@@ -94,9 +117,19 @@ def hybrid_part(texts, sources, queries, qrels, lookup, rounds: int, live_querie
     from langchain_community.vectorstores.utils import DistanceStrategy
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-rag-"))
+    ours_emb, lc_emb = ours_embedder(lookup), langchain_embeddings(lookup)
+    if live_queries:  # each contender's own MiniLM query path, loaded before any timing
+        from langchain_community.embeddings import HuggingFaceEmbeddings
+
+        from rag.embedders import SentenceTransformerEmbedder
+
+        ours_live = SentenceTransformerEmbedder(str(MINILM), query_cache=0)
+        ours_emb = cached_docs_live_queries(ours_emb, ours_live)
+        lc_emb = HuggingFaceEmbeddings(model_name=str(MINILM), model_kwargs={"device": "cpu"},
+                                       encode_kwargs={"normalize_embeddings": True})
 
     def build_ours():
-        idx = Index(tmp / "idx", ours_embedder(lookup))
+        idx = Index(tmp / "idx", ours_emb)
         idx.add_sources([(f"c{i}", "", [Chunk(t, src, end=len(t))], [None])
                          for i, (t, src) in enumerate(zip(texts, sources))])
         idx.commit()
@@ -106,17 +139,28 @@ def hybrid_part(texts, sources, queries, qrels, lookup, rounds: int, live_querie
         meta = [{"src": s} for s in sources]
         bm25 = BM25Retriever.from_texts(texts, metadatas=meta, preprocess_func=tokenize, k=30)
         vecs = lookup.get(texts)
-        store = FAISS.from_embeddings(list(zip(texts, vecs.tolist())), langchain_embeddings(lookup), metadatas=meta,
+        store = FAISS.from_embeddings(list(zip(texts, vecs.tolist())), lc_emb, metadatas=meta,
                                       distance_strategy=DistanceStrategy.MAX_INNER_PRODUCT)
         return EnsembleRetriever(retrievers=[bm25, store.as_retriever(search_kwargs={"k": 30})], weights=[0.5, 0.5])
 
     ours, ours_build = timed(build_ours)
     lc, lc_build = timed(build_langchain)
     qids = sorted(qrels)
-    if live_queries:  # drop the cached query vectors: MiniLM runs at query time for both
-        for q in qids:
-            lookup.table.pop(queries[q], None)
-        lookup.get(["warm-up"])
+    live = {}
+    if live_queries:  # warm up both encoders, check they agree, time the encoding alone
+        enc = {"ours": ours_emb.embed_query, "langchain": lambda t: np.asarray(lc_emb.embed_query(t), np.float32)}
+        for f in enc.values():
+            f("warm-up query")
+        enc_ms, vecs = {n: [] for n in enc}, {n: [] for n in enc}
+        for i, q in enumerate(qids):
+            for name in (list(enc) if i % 2 == 0 else list(enc)[::-1]):
+                v, s = timed(lambda: enc[name](queries[q]))
+                enc_ms[name].append(s * 1000)
+                vecs[name].append(v)
+        live = {"ours_query_encoder": f"rag.SentenceTransformerEmbedder.embed_query (fast path: {ours_live.fast_path})",
+                "langchain_query_encoder": "langchain_community HuggingFaceEmbeddings (sentence-transformers encode)",
+                "query_vec_max_abs_diff": float(np.abs(np.stack(vecs["ours"]) - np.stack(vecs["langchain"])).max()),
+                "query_embed_p50_ms": {n: round(statistics.median(t), 2) for n, t in enc_ms.items()}}
     run = {"ours": lambda q: first_passages([h.chunk.path for h in ours.search(q, k=30)]),
            "langchain": lambda q: first_passages([d.metadata["src"] for d in lc.invoke(q)])}
     lat = {n: [] for n in run}
@@ -125,14 +169,12 @@ def hybrid_part(texts, sources, queries, qrels, lookup, rounds: int, live_querie
     for r in range(rounds):
         for name in names[r % 2:] + names[: r % 2]:
             for q in qids:
-                if live_queries:
-                    lookup.table.pop(queries[q], None)
                 ranking, s = timed(lambda: run[name](queries[q]))
                 lat[name].append(s * 1000)
                 rankings[(name, q)] = ranking
     out = {"chunks": len(texts), "queries": len(qids), "live_query_embedding": live_queries,
            "build_s": {"ours_incl_atomic_save": round(ours_build, 2), "langchain_in_memory": round(lc_build, 2)},
-           "build_ratio_langchain_over_ours": round(lc_build / ours_build, 2)}
+           "build_ratio_langchain_over_ours": round(lc_build / ours_build, 2), **live}
     for name in names:
         m = [metrics(rankings[(name, q)], qrels[q]) for q in qids]
         out[name] = {k: round(float(np.mean([x[k] for x in m])), 4) for k in ("ndcg@10", "mrr@10", "recall@10")}

@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import unicodedata
+from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
@@ -189,9 +190,27 @@ class HashedNgramLSA(Embedder):
 
 # ---- pretrained backends -------------------------------------------------------------------------
 class SentenceTransformerEmbedder(Embedder):
-    dense_weight = 0.8  # tuned on msmarco-5k with all-MiniLM-L6-v2 (bench/bench_rag_quality.py sweep)
+    """sentence-transformers model; documents through `encode`, single queries through a lean fast path.
 
-    def __init__(self, path: str, batch_size: int = 32, device: str = "cpu"):
+    `embed_query` is the per-search cost, so for the plain text pipeline (Transformer -> Pooling
+    mean/cls/max -> optional Normalize, no prompt, no truncate_dim) it skips `encode`'s per-call work
+    (input sorting, batching, progress-bar and device bookkeeping, tensor/numpy round trips): one
+    tokenizer call on a reused `tokenizers` instance, one forward under `torch.inference_mode`, pooling
+    over the (unpadded) tokens. For BERT encoders the forward itself is a lean re-statement of
+    BertModel's (fused QKV projection, SDPA, no pooler head, no mask building); other architectures
+    call the HF model. Same fp32 weights and ops, so the vectors equal `encode(...,
+    normalize_embeddings=True)` (tests check allclose 1e-5), and a probe sentence is compared at load:
+    any mismatch falls back to `encode`. (The lean path holds a fused copy of the QKV weights taken at
+    load: rebuild the embedder after changing the model's weights.) Thread counts are torch's own
+    (OMP_NUM_THREADS); nothing is set here. A small LRU cache answers repeated identical queries
+    (`query_cache=0` turns it off).
+    """
+
+    dense_weight = 0.8  # tuned on msmarco-5k with all-MiniLM-L6-v2 (bench/bench_rag_quality.py sweep)
+    _PROBE = "A probe sentence, checked against encode() once at load."
+
+    def __init__(self, path: str, batch_size: int = 32, device: str = "cpu", query_cache: int = 256,
+                 fast_queries: bool = True):
         from sentence_transformers import SentenceTransformer
 
         self.path, self.batch_size = str(path), batch_size
@@ -199,6 +218,14 @@ class SentenceTransformerEmbedder(Embedder):
         get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(get_dim())
         self.name = f"sentence-transformers({Path(self.path).name},dim={self.dim})"
+        self.query_cache = query_cache
+        self._qcache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._fast = _FastTextEncoder.build(self.model, self._PROBE) if fast_queries else None
+
+    @property
+    def fast_path(self) -> str | None:
+        """None (queries go through `encode`), "bert-lean" or "hf-forward"."""
+        return self._fast.kind if self._fast is not None else None
 
     def spec(self) -> dict:
         return {"kind": "sentence-transformers", "path": self.path}
@@ -206,6 +233,124 @@ class SentenceTransformerEmbedder(Embedder):
     def _embed(self, texts: list[str], progress: bool) -> np.ndarray:
         return self.model.encode(texts, batch_size=self.batch_size, show_progress_bar=progress,
                                  convert_to_numpy=True, normalize_embeddings=True)
+
+    def embed_query(self, text: str) -> np.ndarray:
+        hit = self._qcache.get(text)
+        if hit is not None:
+            self._qcache.move_to_end(text)
+            return hit.copy()
+        v = l2_normalize(self._fast(text)) if self._fast is not None else super().embed_query(text)
+        if self.query_cache > 0:
+            self._qcache[text] = v
+            if len(self._qcache) > self.query_cache:
+                self._qcache.popitem(last=False)
+            return v.copy()
+        return v
+
+
+def _pooling_mode(pool) -> str | None:
+    mode = getattr(pool, "pooling_mode", None)  # sentence-transformers >= 6; older: get_pooling_mode_str()
+    if mode is None and hasattr(pool, "get_pooling_mode_str"):
+        mode = pool.get_pooling_mode_str()
+    return mode if isinstance(mode, str) else None
+
+
+class _FastTextEncoder:
+    """One text -> pooled float32 vector with a sentence-transformers model's own weights (see above)."""
+
+    def __init__(self, model, kind: str):
+        import torch
+        from tokenizers import Tokenizer
+
+        tr, self.pool = model[0], _pooling_mode(model[1])
+        self.kind, self.hf = kind, tr.auto_model
+        self.device = next(self.hf.parameters()).device
+        # A private copy of the fast tokenizer: no padding, ST's truncation length, special tokens added.
+        self.tok = Tokenizer.from_str(tr.tokenizer.backend_tokenizer.to_str())
+        self.tok.no_padding()
+        self.tok.enable_truncation(int(tr.max_seq_length or tr.tokenizer.model_max_length))
+        if kind == "bert-lean":
+            cfg, e = self.hf.config, self.hf.embeddings
+            d = lambda t: t.detach()  # noqa: E731
+            self.emb = (d(e.word_embeddings.weight), d(e.position_embeddings.weight),
+                        d(e.token_type_embeddings.weight[0]), d(e.LayerNorm.weight), d(e.LayerNorm.bias),
+                        e.LayerNorm.eps)
+            self.heads, self.hidden = cfg.num_attention_heads, cfg.hidden_size
+            self.layers = []
+            for layer in self.hf.encoder.layer:
+                sa, ao = layer.attention.self, layer.attention.output
+                self.layers.append((
+                    torch.cat([d(sa.query.weight), d(sa.key.weight), d(sa.value.weight)]).contiguous(),
+                    torch.cat([d(sa.query.bias), d(sa.key.bias), d(sa.value.bias)]).contiguous(),
+                    d(ao.dense.weight), d(ao.dense.bias),
+                    d(ao.LayerNorm.weight), d(ao.LayerNorm.bias), ao.LayerNorm.eps,
+                    d(layer.intermediate.dense.weight), d(layer.intermediate.dense.bias),
+                    d(layer.output.dense.weight), d(layer.output.dense.bias),
+                    d(layer.output.LayerNorm.weight), d(layer.output.LayerNorm.bias), layer.output.LayerNorm.eps))
+
+    @classmethod
+    def build(cls, model, probe: str) -> "_FastTextEncoder | None":
+        """The fast encoder when `model` is the plain text pipeline and matches `encode` on a probe; else None."""
+        try:
+            try:
+                from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+            except ImportError:  # sentence-transformers < 6
+                from sentence_transformers.models import Normalize, Pooling, Transformer
+
+            mods = list(model)
+            if not (len(mods) in (2, 3) and isinstance(mods[0], Transformer) and isinstance(mods[1], Pooling)
+                    and (len(mods) == 2 or isinstance(mods[2], Normalize))):
+                return None
+            tr, pool = mods[0], mods[1]
+            if (_pooling_mode(pool) not in ("mean", "cls", "max")
+                    or getattr(model, "default_prompt_name", None) or getattr(model, "truncate_dim", None)
+                    or getattr(tr, "do_lower_case", False) or getattr(tr, "query_length", None)
+                    or getattr(tr, "document_length", None) or getattr(tr, "model_forward_params", None)
+                    or getattr(tr, "backend", "torch") != "torch"
+                    or not getattr(getattr(tr, "tokenizer", None), "is_fast", False)):
+                return None
+            hf = tr.auto_model
+            cfg = hf.config
+            bert = (type(hf).__name__ == "BertModel" and cfg.hidden_act == "gelu"
+                    and getattr(cfg, "position_embedding_type", "absolute") in (None, "absolute")
+                    and not getattr(cfg, "is_decoder", False))
+            model.eval()
+            import torch
+
+            want = model.encode([probe], convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)[0]
+            for kind in (["bert-lean"] if bert else []) + ["hf-forward"]:
+                fast = cls(model, kind)
+                with torch.inference_mode():
+                    got = l2_normalize(fast(probe))
+                if got.shape == want.shape and np.allclose(got, want, atol=1e-5):
+                    return fast
+        except Exception:  # any surprise in a model's layout: the plain encode() path stays
+            return None
+        return None
+
+    def __call__(self, text: str) -> np.ndarray:
+        import torch
+
+        ids = torch.tensor(self.tok.encode(text).ids, dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            h = self._bert(ids) if self.kind == "bert-lean" else \
+                self.hf(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None]).last_hidden_state[0]
+            v = h.mean(0) if self.pool == "mean" else h[0] if self.pool == "cls" else h.max(0).values
+            return v.float().cpu().numpy()
+
+    def _bert(self, ids):
+        """BertModel.forward for one unpadded sequence (eval mode: no dropout, no mask), without the pooler."""
+        import torch.nn.functional as F
+
+        word, pos, typ, ln_w, ln_b, eps = self.emb
+        t, d, heads = ids.shape[0], self.hidden, self.heads
+        h = F.layer_norm(word[ids] + pos[:t] + typ, (d,), ln_w, ln_b, eps)
+        for wqkv, bqkv, wo, bo, l1w, l1b, e1, wi, bi, wo2, bo2, l2w, l2b, e2 in self.layers:
+            qkv = F.linear(h, wqkv, bqkv).view(t, 3, heads, d // heads).permute(1, 2, 0, 3)
+            att = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]).transpose(0, 1).reshape(t, d)
+            h = F.layer_norm(F.linear(att, wo, bo) + h, (d,), l1w, l1b, e1)
+            h = F.layer_norm(F.linear(F.gelu(F.linear(h, wi, bi)), wo2, bo2) + h, (d,), l2w, l2b, e2)
+        return h
 
 
 class OpenClipEmbedder(Embedder):

@@ -79,3 +79,50 @@ def test_sentence_transformers_backend(tmp_path):
     assert back.search("Someone has a meal.", k=1, mode="dense")[0].chunk.path == "a.txt"
     with pytest.raises(ValueError, match="built with embedder"):
         Index.open(tmp_path / "idx", HashedNgramLSA())
+
+
+@pytest.mark.skipif(not MINILM.is_dir(), reason="../shared/models/all-MiniLM-L6-v2 not present")
+def test_sentence_transformers_fast_query_path_equals_encode():
+    """embed_query's fast path (lean BERT forward, reused tokenizer) gives encode()'s vectors."""
+    from rag import SentenceTransformerEmbedder
+    from rag.embedders import _FastTextEncoder, l2_normalize
+
+    e = SentenceTransformerEmbedder(str(MINILM), query_cache=0)
+    assert e.fast_path == "bert-lean"
+    texts = ["what is the capital of france?", "Someone has a meal.", "", "  padded   with  spaces  ",
+             "two\nlines\tand a tab", "Ünïcödé naïve café, 東京 ☃ 🙂", "UPPER lower MiXeD 12345 $%&",
+             "word " * 600]  # the last one is truncated at max_seq_length (256 tokens), as encode() does
+    want = e.model.encode(texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+    got = np.stack([e.embed_query(t) for t in texts])
+    assert got.dtype == np.float32 and got.shape == (len(texts), 384)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    one_by_one = np.stack([e.model.encode([t], normalize_embeddings=True, show_progress_bar=False)[0] for t in texts])
+    np.testing.assert_allclose(got, one_by_one, atol=1e-5)
+    # The generic path (HF model forward, used for non-BERT encoders) agrees too.
+    generic = _FastTextEncoder(e.model, "hf-forward")
+    np.testing.assert_allclose(l2_normalize(np.stack([generic(t) for t in texts])), want, atol=1e-5)
+    # Without the fast path the embedder answers through encode(); same vectors.
+    slow = SentenceTransformerEmbedder(str(MINILM), query_cache=0, fast_queries=False)
+    assert slow.fast_path is None
+    np.testing.assert_allclose(slow.embed_query(texts[0]), got[0], atol=1e-5)
+    # A pipeline the fast path does not reproduce (here: a default prompt) keeps encode().
+    prompts, default = e.model.prompts, e.model.default_prompt_name
+    try:
+        e.model.prompts, e.model.default_prompt_name = {"query": "query: "}, "query"
+        assert _FastTextEncoder.build(e.model, "probe") is None
+    finally:
+        e.model.prompts, e.model.default_prompt_name = prompts, default
+
+
+@pytest.mark.skipif(not MINILM.is_dir(), reason="../shared/models/all-MiniLM-L6-v2 not present")
+def test_sentence_transformers_query_cache_is_bounded_and_returns_copies():
+    from rag import SentenceTransformerEmbedder
+
+    e = SentenceTransformerEmbedder(str(MINILM), query_cache=2)
+    v = e.embed_query("first query")
+    v[:] = 0  # callers may scribble on what they get back
+    np.testing.assert_allclose(e.embed_query("first query"),
+                               e.model.encode(["first query"], normalize_embeddings=True)[0], atol=1e-5)
+    e.embed_query("second query")
+    e.embed_query("third query")
+    assert list(e._qcache) == ["second query", "third query"]
