@@ -52,12 +52,27 @@ def parse_with_preset(parser: argparse.ArgumentParser, stage: str, argv: list[st
     return parser.parse_args(argv), preset
 
 
-def resolve_data_file(data: str, name: str) -> Path:
+def resolve_data_file(data: str | Path, name: str) -> Path:
+    """DATA itself when it is a file, else DATA/NAME; a clear error when neither exists."""
     path = Path(data)
     path = path / name if path.is_dir() else path
     if not path.is_file():
-        raise SystemExit(f"--data: {path} does not exist (expected a jsonl file or a folder holding {name})")
+        raise SystemExit(f"--data: {path} does not exist (expected a data file or a folder holding {name})")
     return path
+
+
+def copy_tokenizer(tok_dir: str | Path, out_dir: str | Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (Path(tok_dir) / name).is_file():
+            shutil.copy(Path(tok_dir) / name, Path(out_dir) / name)
+
+
+def saver(tok_dir: str | Path):
+    """Trainer save_fn: the HF folder plus the tokenizer, so the output is a complete checkpoint."""
+    def save(model, out_dir):
+        model.save_pretrained(out_dir)
+        copy_tokenizer(tok_dir, out_dir)
+    return save
 
 
 def build_model(args, preset: dict, tokenizer) -> MiniMindForCausalLM:
@@ -87,13 +102,7 @@ def run_lm_stage(stage: str, dataset_cls, data_name: str, argv: list[str] | None
         picked = torch.randperm(len(replay), generator=torch.Generator().manual_seed(args.seed))[:n].tolist()
         dataset = ConcatDataset([dataset, Subset(replay, picked)])
 
-    def save(m, out_dir):
-        m.save_pretrained(out_dir)
-        for name in TOKENIZER_FILES:
-            if (tok_dir / name).is_file():
-                shutil.copy(tok_dir / name, Path(out_dir) / name)
-
     from data.collate import pad_collate
 
-    trainer = Trainer(model, dataset, pad_collate, causal_lm_loss, config_from_args(args), save_fn=save)
+    trainer = Trainer(model, dataset, pad_collate, causal_lm_loss, config_from_args(args), save_fn=saver(tok_dir))
     return trainer.train()

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from training.lm_stage import copy_tokenizer, saver  # noqa: F401  (re-exported for the stage modules)
+from training.lm_stage import resolve_data_file as world_file  # noqa: F401
 from training.presets import get_preset
 
 # Stage defaults per preset (flags override). Sized for the 2-core CPU: micro checks plumbing in
@@ -46,7 +47,6 @@ STAGE_DEFAULTS: dict[str, dict[str, dict]] = {
 # The world's own preference pairs (on the facts the SFT model learned) first, the verifiable-question pairs after.
 DPO_TRAIN_FILES = ("dpo.jsonl", "posttrain/dpo_train.jsonl")
 DPO_EVAL_FILES = ("eval/dpo.jsonl", "posttrain/dpo_eval.jsonl")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 # ---------------------------------------------------------------- shared by the stage CLIs
@@ -67,28 +67,6 @@ def load_init(folder: str | Path):
 
     folder = Path(folder)
     return MiniMindForCausalLM.from_pretrained(str(folder)), load_tokenizer(folder), folder
-
-
-def copy_tokenizer(tok_dir: str | Path, out_dir: str | Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (Path(tok_dir) / name).is_file():
-            shutil.copy(Path(tok_dir) / name, Path(out_dir) / name)
-
-
-def saver(tok_dir: Path):
-    """Trainer save_fn: the HF folder plus the tokenizer, so the output is a complete checkpoint."""
-    def save(model, out_dir):
-        getattr(model, "module", model).save_pretrained(out_dir)
-        copy_tokenizer(tok_dir, out_dir)
-    return save
-
-
-def world_file(data: str | Path, name: str) -> Path:
-    path = Path(data)
-    path = path / name if path.is_dir() else path
-    if not path.is_file():
-        raise SystemExit(f"--data: {path} does not exist (expected a jsonl file or a world folder holding {name})")
-    return path
 
 
 def find_data(data: str | Path, *candidates: str) -> Path:

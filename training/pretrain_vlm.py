@@ -30,6 +30,7 @@ from transformers import AutoConfig
 
 from data.vlm_datasets import VLMDataset, open_source, vlm_collate
 from training.cli import add_common_args, config_from_args
+from training.lm_stage import resolve_data_file
 from training.freeze import POLICIES, apply_freeze, trainable_predicate
 from training.trainer import LossOutput, Trainer
 from vlm import MiniMindForCausalLM
@@ -95,14 +96,6 @@ def build_vlm(init: str, vision: str | None, vision_pretrained: str | None, proj
 
 
 # -- data --------------------------------------------------------------------------------------------
-def resolve_data(data: str, default_name: str) -> Path:
-    path = Path(data)
-    path = path / default_name if path.is_dir() else path
-    if not path.is_file():
-        raise SystemExit(f"--data: {path} does not exist (a .jsonl/.parquet/.json file or a folder holding {default_name})")
-    return path
-
-
 def build_dataset(model: MiniMindVLM, tokenizer, data_file: Path, images: str | None, cache_dir: str | None,
                   max_len: int, device: str = "cpu") -> VLMDataset:
     """The stage's dataset; with a cache dir the features are encoded now (on `device`) and reused."""
@@ -163,7 +156,7 @@ def run_vlm_stage(stage: str, argv: list[str] | None, description: str,
     model = build_vlm(args.init, args.vision, args.vision_pretrained, args.projector)
     tok_dir = Path(args.tokenizer or args.init)
     tokenizer = load_tokenizer(tok_dir)
-    data_file = resolve_data(args.data, spec["data_file"])
+    data_file = resolve_data_file(args.data, spec["data_file"])
     cache_dir = None if (args.feature_cache or "").lower() == "none" else \
         (args.feature_cache or str(data_file.parent / "feature_cache"))
     max_len = args.max_len or model.num_image_tokens + TEXT_BUDGET
