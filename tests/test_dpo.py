@@ -41,6 +41,23 @@ def test_dpo_loss_is_ln2_when_policy_equals_reference(world):
         assert out.metrics["reward_margin"] == pytest.approx(0.0, abs=1e-5)
 
 
+def test_rpo_term_adds_the_chosen_answers_mean_nll(world):
+    root, tok = world
+    ref = small_model(len(tok)).eval()
+    policy = small_model(len(tok), seed=1).train()
+    data = attach_reference(PreferenceDataset(root / "posttrain" / "dpo_train.jsonl", tok, 192), ref)
+    batch = pair_collate([data[i] for i in range(4)])
+    plain = make_dpo_loss(beta=0.1)(policy, batch)
+    mixed = make_dpo_loss(beta=0.1, rpo_alpha=0.5)(policy, batch)
+    chosen = batch["labels"][:4]
+    with torch.no_grad():
+        logits = policy(input_ids=batch["input_ids"][:4], attention_mask=batch["attention_mask"][:4]).logits
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), chosen[:, 1:], ignore_index=-100,
+                                                reduction="none").sum(-1) / (chosen[:, 1:] != -100).sum(-1)
+    assert mixed.loss_sum.item() == pytest.approx(plain.loss_sum.item() + 0.5 * nll.sum().item(), rel=1e-5)
+    assert mixed.metrics["chosen_nll"] == pytest.approx(nll.mean().item(), rel=1e-5)
+
+
 def test_dpo_loss_direction_and_rewards():
     pc, pr = torch.tensor([-1.0, -5.0]), torch.tensor([-5.0, -1.0])
     ref = torch.tensor([-3.0, -3.0])

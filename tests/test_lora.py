@@ -196,3 +196,18 @@ def test_fused_decoding_sees_the_adapter_once_merged(ids):
     merge_adapter(model)
     got = fast_generate(model, ids, 4, eos_token_id=-1)
     assert torch.equal(got, want[:, ids.shape[1]:])
+
+
+def test_replay_spreads_distinct_base_samples_over_the_run():
+    from torch.utils.data import TensorDataset
+
+    from training.lora import with_replay
+    new, base = TensorDataset(torch.arange(10)), TensorDataset(torch.arange(100, 1000))
+    mixed = with_replay(new, base, ratio=0.25, total=400, seed=0)
+    values = [int(mixed[i][0]) for i in range(len(mixed))]
+    replayed = [v for v in values if v >= 100]
+    assert len(values) == 400 and len(replayed) == 80
+    assert len(set(replayed)) == 80  # no base sample is repeated within the run
+    assert values.count(3) == 32  # the new data fills the rest, each sample equally often
+    # without a known run length: ratio * len(new) base samples, once
+    assert len(with_replay(new, base, ratio=0.5, total=None, seed=0)) == 15

@@ -8,6 +8,9 @@ computed once up front and stored with the dataset: each training step then runs
 loss = -(1 - eps) * log sigmoid(beta * m) - eps * log sigmoid(-beta * m),
 m = (log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected)), summed over response
 tokens (as minimind, no length normalisation). With pi == ref, m = 0 and the loss is ln 2 for any eps.
+`--rpo-alpha a` adds a * (mean NLL of the chosen answer's tokens), as TRL's `rpo_alpha` (Pang et al.
+2024): DPO alone may lower the chosen answer's likelihood too, as long as the rejected one falls
+faster, and greedy answers then drift from the SFT model's.
 """
 from __future__ import annotations
 
@@ -32,6 +35,11 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     targets = labels[:, 1:]
     nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
     return -nll.sum(-1)
+
+
+def response_lengths(labels: torch.Tensor) -> torch.Tensor:
+    """Supervised tokens per row (the positions `sequence_logps` sums over)."""
+    return (labels[:, 1:] != -100).sum(-1)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -99,8 +107,9 @@ def attach_reference(dataset: PreferenceDataset, ref_model, batch_size: int = 16
     return dataset
 
 
-def make_dpo_loss(beta: float, label_smoothing: float = 0.0):
-    """Trainer loss_fn: summed DPO loss over the pairs of the micro-batch (count = pairs)."""
+def make_dpo_loss(beta: float, label_smoothing: float = 0.0, rpo_alpha: float = 0.0):
+    """Trainer loss_fn: summed DPO loss (+ rpo_alpha * per-token NLL of chosen) over the pairs of the
+    micro-batch (count = pairs)."""
     def loss_fn(model, batch: dict) -> LossOutput:
         n = batch["n_pairs"]
         lp = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
@@ -108,6 +117,10 @@ def make_dpo_loss(beta: float, label_smoothing: float = 0.0):
         losses, rc, rr = dpo_loss(lp[:n], lp[n:], ref[:, 0], ref[:, 1], beta, label_smoothing)
         metrics = {"reward_chosen": rc.mean().item(), "reward_rejected": rr.mean().item(),
                    "reward_margin": (rc - rr).mean().item(), "pref_acc": (rc > rr).float().mean().item()}
+        if rpo_alpha:
+            chosen_nll = -lp[:n] / response_lengths(batch["labels"][:n]).to(lp.device).clamp(min=1)
+            losses = losses + rpo_alpha * chosen_nll
+            metrics["chosen_nll"] = chosen_nll.mean().item()
         return LossOutput(loss_sum=losses.sum(), count=n, metrics=metrics)
     return loss_fn
 
@@ -129,6 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = build_parser("dpo", __doc__.splitlines()[0])
     p.add_argument("--beta", type=float, help="strength of the implicit KL to the reference (default 0.1)")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="cDPO: assumed rate of flipped labels")
+    p.add_argument("--rpo-alpha", type=float, help="weight of the chosen answers' NLL added to the DPO loss (0: pure DPO)")
     p.add_argument("--eval-data", help="held-out pairs (default: DATA/eval/dpo.jsonl)")
     args, _ = parse_stage(p, "dpo", argv)
     if not args.init:
@@ -140,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from training.cli import config_from_args
 
-    trainer = Trainer(model, train, pair_collate, make_dpo_loss(args.beta, args.label_smoothing), config_from_args(args),
+    trainer = Trainer(model, train, pair_collate, make_dpo_loss(args.beta, args.label_smoothing, args.rpo_alpha or 0.0), config_from_args(args),
                       count_fn=lambda b: b["n_pairs"], save_fn=saver(tok_dir))
     summary = trainer.train()
     eval_path = Path(args.eval_data) if args.eval_data else None

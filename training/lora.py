@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import torch
-from torch.utils.data import ConcatDataset, Subset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from training.trainer import Trainer
 from vlm import MiniMindForCausalLM
@@ -35,6 +35,24 @@ def adapter_saver(tok_dir: Path, adapter_name: str):
         save_adapter(getattr(model, "module", model), out_dir, adapter_name)
         copy_tokenizer(tok_dir, out_dir)
     return save
+
+
+def with_replay(new: Dataset, base: Dataset, ratio: float, total: int | None, seed: int) -> Dataset:
+    """`new` mixed with `ratio` base samples per new sample.
+
+    With `total` (samples the run will draw, known when --max-steps is set) the new data is repeated
+    to fill the run and every replayed base sample is distinct (up to the base pool's size): a small
+    fixed replay subset seen a dozen times is memorised and stops protecting the base skills
+    (measured at tiny: context QA still fell 10 points with 384 replayed samples).
+    """
+    g = torch.Generator().manual_seed(seed)
+    reps = 1
+    n_base = int(ratio * len(new))
+    if total:
+        n_base = round(total * ratio / (1 + ratio))
+        reps = max(1, round((total - n_base) / len(new)))
+    n_base = min(len(base), n_base)
+    return ConcatDataset([new] * reps + [Subset(base, torch.randperm(len(base), generator=g)[:n_base].tolist())])
 
 
 def load_with_adapter(base_dir: str | Path, adapter_dir: str | Path, adapter_name: str = "default") -> MiniMindForCausalLM:
@@ -71,10 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = SFTDataset(posttrain_file(args.data, "lora_train.jsonl"), tokenizer, args.max_len)
     base_sft = Path(args.data) / "sft.jsonl"
     if args.replay and base_sft.is_file():
-        replay = SFTDataset(base_sft, tokenizer, args.max_len)
-        n = min(len(replay), int(args.replay * len(dataset)))
-        g = torch.Generator().manual_seed(args.seed)
-        dataset = ConcatDataset([dataset, Subset(replay, torch.randperm(len(replay), generator=g)[:n].tolist())])
+        total = args.max_steps * args.batch_size * args.grad_accum if args.max_steps else None
+        dataset = with_replay(dataset, SFTDataset(base_sft, tokenizer, args.max_len), args.replay, total, args.seed)
     from data.collate import pad_collate
 
     trainer = Trainer(model, dataset, pad_collate, causal_lm_loss, config_from_args(args),
