@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -250,6 +251,58 @@ def questions(scene: Scene, rng: random.Random, lang: str) -> list[tuple[str, st
             ("chart", "图中有几根柱子？" if zh else "How many bars are in the chart?", str(len(scene.bars))),
         ]
     return qs
+
+
+def _swap_groups() -> list[list[str]]:
+    """Interchangeable caption fragments: swapping one for another changes exactly one attribute."""
+    words = [w for w in WORDS if not w.isdigit()], [w for w in WORDS if w.isdigit()]
+    return [list(COLOURS), [v[1] for v in COLOURS.values()],
+            list(SHAPES), [v[1] for v in SHAPES.values()],
+            list(SIZES), [f"{v[0]}的" for v in SIZES.values()],
+            [v[0] for v in POSITIONS.values()], [v[1] for v in POSITIONS.values()],
+            [f"{w} " for w in NUMBER_WORDS[2:]], [f"{n}个" for n in range(1, 6)],  # "one" takes a singular
+            [f"{n} bars" for n in range(2, 5)], [f"有{n}根" for n in range(2, 5)],
+            *([f'"{w}"' for w in group] for group in words), *([f"“{w}”" for w in group] for group in words)]
+
+
+SWAP_GROUPS = _swap_groups()
+_HELD_OUT_TEXT = [f"{c} {s}" for c, s in HELD_OUT_PAIRS] + [f"{COLOURS[c][1]}{SHAPES[s][1]}" for c, s in HELD_OUT_PAIRS]
+
+
+def hard_negative(text: str, rng: random.Random, tries: int = 8) -> str | None:
+    """`text` with one attribute changed (colour, shape, size, position, count, bars or word), or None.
+
+    A contrastive negative that differs from the true caption in a single fragment forces the encoder
+    to see *every* attribute, not just the easiest one (colour) that already separates most in-batch
+    pairs. Negatives never name a held-out colour+shape pair: those stay unseen in training text too.
+    """
+    spots = [(i, frag, group) for group in SWAP_GROUPS for frag in group for i in _find_all(text, frag)]
+    for _ in range(tries if spots else 0):
+        i, frag, group = rng.choice(spots)
+        # a fragment already in the caption would make a tell-tale negative ("a green ... a green ...")
+        others = [g for g in group if g not in text]
+        if not others:
+            continue
+        new = text[:i] + rng.choice(others) + text[i + len(frag):]
+        new = re.sub(r"\b(an?) (\w)", lambda m: ("an " if m[2] in "aeiou" else "a ") + m[2], new)
+        if new != text and not any(h in new for h in _HELD_OUT_TEXT):
+            return new
+    return None
+
+
+def colourless_caption(text: str) -> str | None:
+    """The caption of the same scene drawn in grey (colour words dropped), or None for bar charts,
+    whose captions need the colours. Grey copies teach an encoder shapes that do not depend on the
+    colour they came in, which is what held-out colour+shape pairs ask for."""
+    if "bar chart" in text or "柱状图" in text:
+        return None
+    text = re.sub(rf"\b({'|'.join(COLOURS)}) ", "", text)
+    text = re.sub("|".join(v[1] for v in COLOURS.values()), "", text)
+    return re.sub(r"\b(an?) (\w)", lambda m: ("an " if m[2] in "aeiou" else "a ") + m[2], text)
+
+
+def _find_all(text: str, fragment: str) -> list[int]:
+    return [m.start() for m in re.finditer(re.escape(fragment), text)]
 
 
 def _chat(question: str, answer: str) -> list[dict]:

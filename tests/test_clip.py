@@ -64,6 +64,30 @@ def test_clip_loss_counts_pairs_and_rewards_alignment():
     assert aligned.metrics["batch_i2t_acc"] == 1.0 and shuffled.metrics["batch_i2t_acc"] == 0.0
 
 
+def test_hard_negatives_compete_for_the_image_only():
+    from training.pretrain_clip import clip_loss, make_collate
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, img, txt):
+            super().__init__()
+            self.img, self.txt = torch.nn.Parameter(img), torch.nn.Parameter(txt)
+
+        def forward(self, images, texts):
+            return self.img, self.txt, torch.tensor(50.0)
+
+    eye, images = torch.eye(4), torch.zeros(2, 3, 8, 8)
+    far = clip_loss(Fixed(eye[:2], eye), {"images": images, "texts": torch.zeros(4, 5)})
+    near = clip_loss(Fixed(eye[:2], torch.cat([eye[:2], eye[:2]])), {"images": images, "texts": torch.zeros(4, 5)})
+    assert far.count == near.count == 2  # negatives are no pairs of their own
+    assert far.loss_sum.item() < 0.01 < near.loss_sum.item()  # a negative as close as the caption costs
+
+    collate = make_collate(lambda texts: texts, hard_negatives=True)
+    items = [{"image": torch.zeros(3, 8, 8), "caption": c} for c in ("a small red star in the center", "hello")]
+    batch = collate(items)
+    assert batch["texts"][:2] == ["a small red star in the center", "hello"] and len(batch["texts"]) == 3
+    assert batch["texts"] == collate(items)["texts"]  # the same batch gets the same negatives
+
+
 def test_pretrain_clip_stage_end_to_end(tmp_path):
     pytest.importorskip("training.trainer", reason="training.trainer not available yet")
     from data.scenes import write_scene_splits
@@ -72,7 +96,8 @@ def test_pretrain_clip_stage_end_to_end(tmp_path):
     write_scene_splits(tmp_path / "scenes", seed=0, scale="micro")
     out = tmp_path / "clip"
     summary = main(["--data", str(tmp_path / "scenes"), "--out", str(out), "--preset", "micro",
-                    "--max-steps", "6", "--batch-size", "16", "--eval-n", "20"])
+                    "--max-steps", "6", "--batch-size", "16", "--eval-n", "20", "--hard-negatives", "1",
+                    "--grey-copies", "0.5"])
     assert (out / CHECKPOINT_WEIGHTS).is_file() and (out / "metrics.jsonl").is_file()
     encoder = VisionEncoder.from_open_clip(pretrained=str(out))
     assert encoder.model_name == "minimind-clip-micro"
@@ -80,3 +105,20 @@ def test_pretrain_clip_stage_end_to_end(tmp_path):
     report = json.loads((out / "retrieval.json").read_text())
     assert report["en"]["n"] == 20 and 0 <= report["en"]["i2t_top1"] <= 1
     assert summary["retrieval"]["zh"]["n"] == 20
+
+
+def test_grey_copies_are_grey_and_say_no_colour(tmp_path):
+    from data.scenes import COLOURS, write_scene_splits
+    from training.pretrain_clip import CaptionPairs
+
+    write_scene_splits(tmp_path, seed=0, scale="micro")
+    preprocess = VisionEncoder.from_open_clip("minimind-clip-micro").preprocess
+    plain = CaptionPairs(tmp_path / "clip_pretrain.jsonl", tmp_path / "images", preprocess)
+    mixed = CaptionPairs(tmp_path / "clip_pretrain.jsonl", tmp_path / "images", preprocess, grey_copies=0.5)
+    greys = [i for i, (_, _, grey) in enumerate(mixed.rows) if grey]
+    assert mixed.rows[:len(plain)] == plain.rows and len(greys) == len(mixed) - len(plain) > len(plain) // 5
+    for i in greys[:5]:
+        item = mixed[i]
+        assert not any(c in item["caption"] for c in COLOURS)
+        image = item["image"]  # normalised per channel, so grey pixels differ by the channel stats only
+        assert torch.allclose(image[0] * 0.26862954 + 0.48145466, image[1] * 0.26130258 + 0.4578275, atol=1e-4)

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from data.scenes import COLOURS, HELD_OUT_PAIRS, SHAPES, caption, questions, sample_scene, write_scene_splits
+from data.scenes import (COLOURS, HELD_OUT_PAIRS, SHAPES, caption, colourless_caption, hard_negative, questions, sample_scene,
+                         write_scene_splits)
 
 TYPES = {"colour", "shape", "size", "position", "count", "text", "chart", "caption"}
 
@@ -91,3 +92,40 @@ def test_answers_are_short_and_in_the_question_language():
 def test_unknown_scale_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="unknown scene scale"):
         write_scene_splits(tmp_path, scale="huge")
+
+
+def test_hard_negative_changes_one_attribute_and_never_names_a_held_out_pair():
+    rng = random.Random(5)
+    held = [f"{c} {s}" for c, s in HELD_OUT_PAIRS] + [f"{COLOURS[c][1]}{SHAPES[s][1]}" for c, s in HELD_OUT_PAIRS]
+    changed = 0
+    for i in range(400):
+        scene = sample_scene(rng, "train", ["single", "pair", "count", "text", "chart"][i % 5])
+        for lang in ("en", "zh"):
+            text = caption(scene, lang)
+            neg = hard_negative(text, rng)
+            assert neg is not None and neg != text
+            assert not any(h in neg for h in held)
+            if lang == "en":  # one word (or quoted word) differs; articles still agree with their noun
+                diff = [(a, b) for a, b in zip(text.split(), neg.split()) if a != b]
+                changed += len(diff)
+                assert len(text.split()) == len(neg.split()) and 1 <= len(diff) <= 2, (text, neg)
+                assert " a o" not in f" {neg}" and " an r" not in f" {neg}"
+    assert changed < 400 * 1.2  # article fixes aside, exactly one word changes
+    assert hard_negative("a photo of a cat", rng) is None  # nothing to swap: no negative
+
+
+def test_colourless_caption_drops_every_colour_word_but_keeps_the_rest():
+    rng = random.Random(6)
+    colour_words = list(COLOURS) + [v[1] for v in COLOURS.values()]
+    for i in range(200):
+        scene = sample_scene(rng, "train", ["single", "pair", "count", "text", "chart"][i % 5])
+        for lang in ("en", "zh"):
+            text, grey = caption(scene, lang), colourless_caption(caption(scene, lang))
+            if scene.kind == "chart":
+                assert grey is None
+                continue
+            assert not any(w in grey for w in colour_words)
+            assert all(SHAPES[o.shape][lang == "zh"] in grey or o.shape in grey for o in scene.objects)
+    assert colourless_caption("an orange diamond at the top and a red circle at the bottom") == \
+        "a diamond at the top and a circle at the bottom"
+    assert colourless_caption('the word "cat"') == 'the word "cat"'

@@ -173,3 +173,21 @@ def test_generate_streams_text(small):
                         eos_token_id=-1, streamer=streamer)
     streamed = "".join(streamer)
     assert isinstance(streamed, str) and streamed.strip()
+
+
+def test_projector_positions_tell_patch_slots_apart_and_survive_save_load(tokenizer, tmp_path):
+    for kind in ("linear", "mlp"):
+        model = MiniMindVLM.from_lm(tiny_lm(len(tokenizer)), VisionEncoder.from_open_clip("minimind-clip-tiny"),
+                                    kind, projector_positions=True).eval()
+        assert model.config.projector_positions
+        same = torch.ones(1, 64, model.config.vision_hidden_size)  # one feature in every slot
+        with torch.no_grad():
+            out = model.project_images(image_features=same)[0]
+        assert not torch.allclose(out[0], out[1])  # only the slot differs, and the output does too
+        names = [n for n, _ in model.named_parameters()]
+        assert any(n.startswith("projector.") and n.endswith(".table") for n in names)
+    model.save_pretrained(tmp_path)
+    loaded = MiniMindVLM.from_pretrained(tmp_path)
+    assert loaded.config.projector_positions and loaded.config.projector_type == "mlp"
+    with torch.no_grad():
+        assert torch.equal(loaded.project_images(image_features=same), model.project_images(image_features=same))

@@ -6,8 +6,12 @@
 are `{"image", "caption"}` or minimind-v pretrain rows `{"conversations", "image"}` (the assistant
 turn is the caption). Image paths are relative to --images (default: `DATA/images`).
 
-The stage is the shared Trainer plus open_clip's `ClipLoss` (symmetric InfoNCE over the in-batch
-pairs). A batch's loss is a mean over its pairs, so the stage reports `loss_sum = loss * batch` with
+The stage is the shared Trainer plus CLIP's symmetric InfoNCE loss over the in-batch pairs; with
+`--hard-negatives 1` every caption also brings a copy with one attribute changed ("a small red
+star" -> "a small red circle") as an extra negative for its image (NegCLIP-style). `--grey-copies P`
+adds a grey copy of a share P of the images, captioned without colour words (`data.scenes`
+captions only; bar charts excluded): shapes must then be seen apart from their colour, which is
+what the held-out colour+shape pairs test. A batch's loss is a mean over its pairs, so the stage reports `loss_sum = loss * batch` with
 one unit per pair. Note: contrastive negatives come from one micro-batch, so unlike the LM stages a
 larger --batch-size is not equivalent to --grad-accum (nor, under DDP, to more ranks).
 
@@ -21,12 +25,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import sys
+import zlib
 from pathlib import Path
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+from data.scenes import colourless_caption, hard_negative
 
 from training.cli import add_common_args, config_from_args
 from training.trainer import LossOutput, Trainer
@@ -53,9 +62,9 @@ def _caption_of(row: dict) -> str | None:
 class CaptionPairs(Dataset):
     """(image path, caption) rows of a jsonl file; bad rows and missing images are skipped with a warning."""
 
-    def __init__(self, jsonl: Path, image_root: Path, preprocess):
+    def __init__(self, jsonl: Path, image_root: Path, preprocess, grey_copies: float = 0.0):
         self.image_root, self.preprocess = image_root, preprocess
-        self.rows: list[tuple[Path, str]] = []
+        self.rows: list[tuple[Path, str, bool]] = []  # (image, caption, show the image in grey)
         skipped = 0
         for n, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
@@ -73,9 +82,13 @@ class CaptionPairs(Dataset):
                 if skipped <= 5:
                     log.warning("%s:%d: skipped (%s)", jsonl, n, e)
                 continue
-            self.rows.append((path, text.replace("<image>", "").strip()))
+            self.rows.append((path, text.replace("<image>", "").strip(), False))
         if skipped:
             log.warning("%s: %d bad rows skipped, %d kept", jsonl, skipped, len(self.rows))
+        # a fixed share of rows (chosen by a hash: same rows every run) also appear in grey
+        self.rows += [(path, grey, True) for path, text, _ in list(self.rows)
+                      if zlib.crc32(f"{path}|{text}".encode()) % 1000 < grey_copies * 1000
+                      and (grey := colourless_caption(text)) is not None]
         if not self.rows:
             raise SystemExit(f"{jsonl}: no usable image-caption rows")
 
@@ -83,30 +96,39 @@ class CaptionPairs(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
-        path, text = self.rows[i]
-        return {"image": self.preprocess(load_image(path)), "caption": text}
+        path, text, grey = self.rows[i]
+        image = load_image(path)
+        return {"image": self.preprocess(image.convert("L").convert("RGB") if grey else image), "caption": text}
 
 
-def make_collate(tokenizer):
+def make_collate(tokenizer, hard_negatives: bool = False):
+    """Images + tokenised captions; with `hard_negatives`, the batch's one-attribute-off captions
+    (`data.scenes.hard_negative`) are appended to `texts` after the B true ones."""
     def collate(items: list[dict]) -> dict:
-        return {"images": torch.stack([it["image"] for it in items]),
-                "texts": tokenizer([it["caption"] for it in items])}
+        captions = [it["caption"] for it in items]
+        if hard_negatives:
+            # seeded by the batch's own text: the same batch gets the same negatives (exact resume)
+            rng = random.Random(zlib.crc32("\n".join(captions).encode()))
+            captions += [neg for c in captions if (neg := hard_negative(c, rng)) is not None]
+        return {"images": torch.stack([it["image"] for it in items]), "texts": tokenizer(captions)}
     return collate
 
 
-_clip_loss = open_clip.ClipLoss()
-
-
 def clip_loss(model, batch: dict) -> LossOutput:
-    """Symmetric contrastive loss of the batch; one unit per image-caption pair."""
+    """Symmetric contrastive loss of the batch; one unit per image-caption pair.
+
+    `texts` may hold more rows than `images`: the extra rows are hard negatives, which compete in
+    the image->text direction only (they have no image of their own).
+    """
     device = next(model.parameters()).device
     image_features, text_features, logit_scale = model(batch["images"].to(device), batch["texts"].to(device))[:3]
     logit_scale = logit_scale.clamp(max=MAX_LOGIT_SCALE)
-    loss = _clip_loss(image_features, text_features, logit_scale)
+    n = len(image_features)
+    logits = logit_scale * image_features @ text_features.T  # [B, B + negatives]
+    target = torch.arange(n, device=device)
+    loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :n].T, target)) / 2
     with torch.no_grad():
-        logits = image_features @ text_features.T
-        acc = (logits.argmax(dim=1) == torch.arange(len(logits), device=device)).float().mean()
-    n = len(batch["images"])
+        acc = (logits.argmax(dim=1) == target).float().mean()
     return LossOutput(loss_sum=loss * n, count=n,
                       metrics={"batch_i2t_acc": float(acc), "logit_scale": float(logit_scale.detach())})
 
@@ -154,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_args(p)
     p.add_argument("--model", help="open_clip model config name (default: from preset, minimind-clip-*)")
     p.add_argument("--images", help="folder the jsonl image paths are relative to (default: DATA/images)")
+    p.add_argument("--hard-negatives", type=int, choices=(0, 1), default=0,
+                   help="1: add one-attribute-off captions as extra negatives (default: from preset)")
+    p.add_argument("--grey-copies", type=float, default=0.0,
+                   help="share of rows also shown in grey with the colour words dropped (default: from preset)")
     p.add_argument("--eval-n", type=int, default=100, help="held-out scenes in the retrieval check (0: skip)")
     return p
 
@@ -184,13 +210,13 @@ def main(argv: list[str] | None = None) -> dict:
     # open_clip's eval transform, also for training: random crops or flips would change the
     # left/right/top answers of the scenes.
     preprocess, _ = clip_eval_transform(model)
-    dataset = CaptionPairs(jsonl, image_root, preprocess)
+    dataset = CaptionPairs(jsonl, image_root, preprocess, args.grey_copies)
     tokenizer = open_clip.get_tokenizer(tok_id)
 
     def save(m, out_dir):
         save_clip_checkpoint(getattr(m, "module", m), model_name, model_cfg, out_dir)
 
-    trainer = Trainer(model, dataset, make_collate(tokenizer), clip_loss, config_from_args(args),
+    trainer = Trainer(model, dataset, make_collate(tokenizer, bool(args.hard_negatives)), clip_loss, config_from_args(args),
                       count_fn=lambda b: len(b["images"]), save_fn=save)
     summary = trainer.train()
     is_main = not (torch.distributed.is_available() and torch.distributed.is_initialized()

@@ -1,7 +1,7 @@
 """VLM pretraining: image-caption conversations teach the projector to map patch features into the LM.
 
 `python -m training.pretrain_vlm --data DIR_OR_FILE --out DIR --init LM_OR_VLM_DIR --vision ENCODER
- [--freeze projector] [--projector linear|mlp] [--preset tiny] ...`
+ [--freeze projector] [--projector linear|mlp] [--projector-positions 0|1] [--preset tiny] ...`
 
 --init: an LM checkpoint folder (a new VLM is built around it: LM weights copied, new projector)
 or a MiniMind-V folder (continued as is; its own encoder is kept). --vision: an open_clip model
@@ -79,7 +79,8 @@ def load_encoder(vision: str, pretrained: str | None = None) -> VisionEncoder:
     return VisionEncoder.from_open_clip(vision, pretrained=pretrained)
 
 
-def build_vlm(init: str, vision: str | None, vision_pretrained: str | None, projector: str) -> MiniMindVLM:
+def build_vlm(init: str, vision: str | None, vision_pretrained: str | None, projector: str,
+              projector_positions: bool = False) -> MiniMindVLM:
     """Continue a MiniMind-V folder, or wrap an LM folder with the named encoder and a new projector."""
     config = AutoConfig.from_pretrained(init)
     if isinstance(config, MiniMindVLMConfig):
@@ -92,7 +93,8 @@ def build_vlm(init: str, vision: str | None, vision_pretrained: str | None, proj
                          "(an open_clip name such as ViT-B-16, or a folder from training.pretrain_clip)")
     lm = MiniMindForCausalLM.from_pretrained(init)
     return MiniMindVLM.from_lm(lm, load_encoder(vision, vision_pretrained), projector,
-                               vision_pretrained=vision_pretrained or (vision if Path(vision).is_dir() else None))
+                               vision_pretrained=vision_pretrained or (vision if Path(vision).is_dir() else None),
+                               projector_positions=projector_positions)
 
 
 # -- data --------------------------------------------------------------------------------------------
@@ -125,6 +127,8 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--vision", help="open_clip model name or CLIP checkpoint folder (needed when --init is an LM)")
     p.add_argument("--vision-pretrained", help="open_clip pretrained tag or weights file for --vision NAME")
     p.add_argument("--projector", choices=PROJECTOR_TYPES, default="linear", help="for a new VLM (default: linear)")
+    p.add_argument("--projector-positions", type=int, choices=(0, 1), default=0,
+                   help="for a new VLM: 1 adds a learned embedding per patch slot to the projected features")
     p.add_argument("--freeze", choices=POLICIES, help=f"what trains (default: {STAGES[stage]['freeze']})")
     p.add_argument("--images", help="folder the image paths are relative to (default: DATA/images)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: --init)")
@@ -153,7 +157,7 @@ def run_vlm_stage(stage: str, argv: list[str] | None, description: str,
         raise SystemExit("--init is required: an LM checkpoint folder (or a MiniMind-V folder)")
 
     torch.manual_seed(args.seed)
-    model = build_vlm(args.init, args.vision, args.vision_pretrained, args.projector)
+    model = build_vlm(args.init, args.vision, args.vision_pretrained, args.projector, bool(args.projector_positions))
     tok_dir = Path(args.tokenizer or args.init)
     tokenizer = load_tokenizer(tok_dir)
     data_file = resolve_data_file(args.data, spec["data_file"])

@@ -10,6 +10,8 @@ Vision fields:
   saved so that a checkpoint rebuilds its encoder without any lookup or download;
 - `vision_pretrained`: where the encoder weights came from (an open_clip tag or a path), recorded
   for provenance; the weights themselves are stored in the checkpoint (`vision.*` keys);
+- `projector_type` (`linear` / `mlp`) and `projector_positions` (a learned embedding per patch slot
+  added to the projected features, see `vlm.projector`);
 - `vision_hidden_size` (D) and `num_image_tokens` (N, patch tokens per image): read from the
   encoder when the VLM is built; the processor writes N placeholder ids per `<image>`.
 """
@@ -33,6 +35,7 @@ class MiniMindVLMConfig(MiniMindConfig):
         vision_hidden_size: int | None = None,
         num_image_tokens: int | None = None,
         projector_type: str = "linear",
+        projector_positions: bool = False,
         image_token_id: int = IMAGE_ID,
         **kwargs,
     ):
@@ -45,6 +48,7 @@ class MiniMindVLMConfig(MiniMindConfig):
         self.vision_hidden_size = vision_hidden_size
         self.num_image_tokens = num_image_tokens
         self.projector_type = projector_type
+        self.projector_positions = projector_positions
         self.image_token_id = image_token_id
         super().__init__(**kwargs)
 

@@ -43,7 +43,8 @@ class MiniMindVLM(MiniMindForCausalLM):
         for module in vision.modules():  # open_clip initialised it (or a checkpoint will): HF must not re-init
             module._is_hf_initialized = True
         self.vision = vision
-        self.projector = build_projector(config.projector_type, config.vision_hidden_size, config.hidden_size)
+        self.projector = build_projector(config.projector_type, config.vision_hidden_size, config.hidden_size,
+                                         positions=config.num_image_tokens if config.projector_positions else 0)
         self.post_init()
         self.vision.requires_grad_(False)
 
@@ -64,9 +65,10 @@ class MiniMindVLM(MiniMindForCausalLM):
     # -- construction -----------------------------------------------------------------------------
     @classmethod
     def from_lm(cls, lm: MiniMindForCausalLM, vision: VisionEncoder, projector_type: str = "linear",
-                vision_pretrained: str | None = None) -> "MiniMindVLM":
+                vision_pretrained: str | None = None, projector_positions: bool = False) -> "MiniMindVLM":
         """A VLM around a trained LM (weights copied) and an encoder; only the projector is new."""
         config = MiniMindVLMConfig.from_text_config(lm.config, projector_type=projector_type,
+                                                    projector_positions=projector_positions,
                                                     vision_pretrained=vision_pretrained)
         model = cls(config, vision=vision)
         result = model.load_state_dict(lm.state_dict(), strict=False)
