@@ -179,10 +179,12 @@ def dpo_pairs(rng: random.Random, items: list[dict]) -> list[dict]:
     out = []
     for v in items:
         wrong = [a for a in pools[(v["kind"], v["lang"])] if a != v["answer"]]
-        bad = _looping(v["answer"]) if rng.random() < 1 / 3 or not wrong else rng.choice(wrong)
+        loop = rng.random() < 1 / 3 or not wrong
+        bad = _looping(v["answer"]) if loop else rng.choice(wrong)
         prompt = _item(v["lang"], v["question"], v["answer"])["messages"]
         out.append({"chosen": prompt + [{"role": "assistant", "content": v["answer"]}],
-                    "rejected": prompt + [{"role": "assistant", "content": bad}]})
+                    "rejected": prompt + [{"role": "assistant", "content": bad}],
+                    "kind": f"{v['kind']}.{'loop' if loop else 'wrong_value'}"})
     return out
 
 

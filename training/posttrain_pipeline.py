@@ -30,7 +30,7 @@ STAGE_DEFAULTS: dict[str, dict[str, dict]] = {
         "grpo": dict(max_steps=10, batch_size=4, lr=5e-5, warmup_steps=0, group=4, max_new_tokens=32),
     },
     "tiny": {
-        "lora": dict(max_steps=400, batch_size=16, lr=3e-3, warmup_steps=20, rank=8, alpha=16.0, replay=0.25),
+        "lora": dict(max_steps=500, batch_size=16, lr=3e-3, warmup_steps=20, rank=8, alpha=16.0, replay=0.35),
         "dpo": dict(max_steps=120, batch_size=8, lr=5e-5, warmup_steps=10, beta=0.1),
         "distill": dict(max_steps=400, batch_size=16, lr=2e-3, warmup_steps=20, student_scale=0.5),
         "reason": dict(max_steps=400, batch_size=16, lr=1e-3, warmup_steps=20),
@@ -204,10 +204,16 @@ def posttrain_dpo(out: Path, world: Path, preset: str, sft: Path, limit: int) ->
     ref, policy = load_init(sft)[0].eval(), load_init(folder)[0].eval()
     held = PreferenceDataset(find_data(world, *DPO_EVAL_FILES), tok, get_preset(preset)["max_len"])
     beta = STAGE_DEFAULTS[preset]["dpo"]["beta"]
-    pm = preference_metrics(pair_logps(policy, held), pair_logps(ref, held), beta)
+    policy_lp, ref_lp = pair_logps(policy, held), pair_logps(ref, held)
+    pm = preference_metrics(policy_lp, ref_lp, beta)
     items = world_qa(world, limit)
     m = {"dpo.time_s": round(t, 1), "dpo.heldout_pref_acc": pm["pref_acc"], "dpo.heldout_margin": pm["reward_margin"],
          "dpo.answer_em_sft": exact_match(ref, tok, items), "dpo.answer_em": exact_match(policy, tok, items)}
+    # Per kind of rejected answer: style faults (loops, rambling) vs facts the model may not know.
+    kinds = [held.file[i].get("kind", "all") for i in range(len(held))]
+    for kind in sorted(set(kinds)):
+        rows = [i for i, k in enumerate(kinds) if k == kind]
+        m[f"dpo.heldout_pref_acc.{kind}"] = preference_metrics(policy_lp[rows], ref_lp[rows], beta)["pref_acc"]
     m["dpo.answer_em_drop_pts"] = 100 * (m["dpo.answer_em_sft"] - m["dpo.answer_em"])
     return m
 
