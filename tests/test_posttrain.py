@@ -133,6 +133,9 @@ def test_kd_loss_terms():
     want_kl = F.kl_div(F.log_softmax(s[keep] / 2, -1), F.log_softmax(t[keep] / 2, -1), log_target=True, reduction="sum")
     assert torch.allclose(kl, want_kl, atol=1e-5)
     assert torch.allclose(loss_half, 0.5 * ce_ref + 0.5 * 4 * want_kl, atol=1e-4)
+    _, _, rkl, _ = kd_loss_terms(s, t, labels, alpha=0.5, temperature=1.0, reverse=True)
+    want_rkl = F.kl_div(F.log_softmax(t[keep], -1), F.log_softmax(s[keep], -1), log_target=True, reduction="sum")
+    assert torch.allclose(rkl, want_rkl, atol=1e-5) and not torch.allclose(rkl, kd_loss_terms(s, t, labels, 0.5, 1.0)[2])
 
 
 def test_student_is_at_most_a_quarter_of_the_teacher():

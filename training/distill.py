@@ -6,6 +6,8 @@ The T^2 keeps the soft term's gradient scale independent of T (Hinton et al. 201
 is plain SFT of the same student, the baseline distillation must beat (the teacher is then unused).
 The student is a new model `--student-scale` times narrower and shallower than the teacher unless
 `--init` names one.
+`--replay-pretrain R` mixes R pretrain documents per SFT sample into the data (both runs see the
+same mix): on documents the teacher's soft labels carry what it knows of the world's facts.
 """
 from __future__ import annotations
 
@@ -19,8 +21,13 @@ from vlm import MiniMindConfig, MiniMindForCausalLM
 
 
 def kd_loss_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
-                  alpha: float, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(loss_sum, ce_sum, kl_sum, n_tokens) over supervised positions; logits [B, T, V] already shifted."""
+                  alpha: float, temperature: float, reverse: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(loss_sum, ce_sum, kl_sum, n_tokens) over supervised positions; logits [B, T, V] already shifted.
+
+    `reverse` uses KL(student_T || teacher_T) (mode-seeking, as in MiniLLM, Gu et al. 2023): a small
+    student cannot cover every mode of the teacher, and spreading its mass over them (forward KL)
+    makes its greedy answers worse."""
     keep = labels != -100
     s = student_logits[keep].float()
     y = labels[keep]
@@ -30,12 +37,15 @@ def kd_loss_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor | N
     t = teacher_logits[keep].float()
     log_p_t = F.log_softmax(t / temperature, dim=-1)
     log_p_s = F.log_softmax(s / temperature, dim=-1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum()  # KL(teacher || student), summed over tokens
+    if reverse:
+        kl = (log_p_s.exp() * (log_p_s - log_p_t)).sum()  # KL(student || teacher), summed over tokens
+    else:
+        kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum()  # KL(teacher || student), summed over tokens
     loss = alpha * ce + (1 - alpha) * temperature ** 2 * kl
     return loss, ce.detach(), kl.detach(), int(keep.sum())
 
 
-def make_kd_loss(teacher: MiniMindForCausalLM | None, alpha: float, temperature: float):
+def make_kd_loss(teacher: MiniMindForCausalLM | None, alpha: float, temperature: float, reverse: bool = False):
     def loss_fn(model, batch: dict) -> LossOutput:
         ids, mask = batch["input_ids"], batch.get("attention_mask")
         out = model(input_ids=ids, attention_mask=mask)
@@ -45,7 +55,8 @@ def make_kd_loss(teacher: MiniMindForCausalLM | None, alpha: float, temperature:
                 teacher.to(ids.device)
             with torch.no_grad():
                 t_logits = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        loss, ce, kl, n = kd_loss_terms(out.logits[:, :-1], t_logits, batch["labels"][:, 1:], alpha, temperature)
+        loss, ce, kl, n = kd_loss_terms(out.logits[:, :-1], t_logits, batch["labels"][:, 1:], alpha, temperature,
+                                     reverse)
         return LossOutput(loss_sum=loss, count=n, aux=out.aux_loss,
                           metrics={"ce": ce.item() / max(n, 1), "kl": kl.item() / max(n, 1)})
     return loss_fn
@@ -70,13 +81,15 @@ def main(argv: list[str] | None = None) -> dict:
     from data.collate import pad_collate
     from data.datasets import SFTDataset
     from training.cli import config_from_args
-    from training.lm_stage import build_parser
+    from training.lm_stage import build_parser, with_pretrain_replay
     from training.posttrain_pipeline import load_init, parse_stage, saver, world_file
 
     p = build_parser("distill", __doc__.splitlines()[0])
     p.add_argument("--teacher", required=True, help="teacher checkpoint folder (same tokenizer)")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the hard-label CE (1 = SFT only)")
-    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--temperature", type=float, default=2.0, help="softmax temperature T of both distributions")
+    p.add_argument("--divergence", choices=("forward", "reverse"), default="forward",
+                   help="KL(teacher||student) (Hinton) or KL(student||teacher) (mode-seeking)")
     p.add_argument("--student-scale", type=float, default=0.5,
                    help="student width/depth relative to the teacher (0.5 gives ~1/5 of the parameters at tiny)")
     args, _ = parse_stage(p, "distill", argv)
@@ -86,8 +99,9 @@ def main(argv: list[str] | None = None) -> dict:
     student = load_init(args.init)[0] if args.init else MiniMindForCausalLM(student_config(teacher.config, args.student_scale))
     ratio = n_params(student) / n_params(teacher)
     print(f"[distill] student {n_params(student):,} params = {ratio:.3f} of the teacher's {n_params(teacher):,}")
-    dataset = SFTDataset(world_file(args.data, "sft.jsonl"), tokenizer, args.max_len)
-    trainer = Trainer(student, dataset, pad_collate, make_kd_loss(teacher, args.alpha, args.temperature),
+    sft_file = world_file(args.data, "sft.jsonl")
+    dataset = with_pretrain_replay(SFTDataset(sft_file, tokenizer, args.max_len), sft_file, tokenizer, args)
+    trainer = Trainer(student, dataset, pad_collate, make_kd_loss(teacher, args.alpha, args.temperature, args.divergence == "reverse"),
                       config_from_args(args), save_fn=saver(tok_dir))
     summary = trainer.train() | {"student_params": n_params(student), "teacher_params": n_params(teacher),
                                  "param_ratio": ratio}

@@ -83,6 +83,20 @@ def build_model(args, preset: dict, tokenizer) -> MiniMindForCausalLM:
     return MiniMindForCausalLM(cfg)
 
 
+def with_pretrain_replay(dataset, data_file: Path, tokenizer, args):
+    """`dataset` plus `args.replay_pretrain` pretrain documents (DATA/pretrain.jsonl) per sample, when asked."""
+    replay_file = data_file.parent / "pretrain.jsonl"
+    if not args.replay_pretrain or not replay_file.is_file() or replay_file == data_file:
+        return dataset
+    from torch.utils.data import ConcatDataset, Subset
+
+    from data.datasets import PretrainDataset
+    replay = PretrainDataset(replay_file, tokenizer, args.max_len)
+    n = min(len(replay), int(args.replay_pretrain * len(dataset)))
+    picked = torch.randperm(len(replay), generator=torch.Generator().manual_seed(args.seed))[:n].tolist()
+    return ConcatDataset([dataset, Subset(replay, picked)])
+
+
 def run_lm_stage(stage: str, dataset_cls, data_name: str, argv: list[str] | None, description: str) -> dict:
     parser = build_parser(stage, description)
     args, preset = parse_with_preset(parser, stage, argv)
@@ -91,16 +105,7 @@ def run_lm_stage(stage: str, dataset_cls, data_name: str, argv: list[str] | None
     tokenizer = load_tokenizer(tok_dir)
     torch.manual_seed(args.seed)
     model = build_model(args, preset, tokenizer)
-    dataset = dataset_cls(data_file, tokenizer, args.max_len)
-    replay_file = data_file.parent / "pretrain.jsonl"
-    if args.replay_pretrain > 0 and replay_file.is_file() and replay_file != data_file:
-        from torch.utils.data import ConcatDataset, Subset
-
-        from data.datasets import PretrainDataset
-        replay = PretrainDataset(replay_file, tokenizer, args.max_len)
-        n = min(len(replay), int(args.replay_pretrain * len(dataset)))
-        picked = torch.randperm(len(replay), generator=torch.Generator().manual_seed(args.seed))[:n].tolist()
-        dataset = ConcatDataset([dataset, Subset(replay, picked)])
+    dataset = with_pretrain_replay(dataset_cls(data_file, tokenizer, args.max_len), data_file, tokenizer, args)
 
     from data.collate import pad_collate
 

@@ -32,7 +32,10 @@ STAGE_DEFAULTS: dict[str, dict[str, dict]] = {
     "tiny": {
         "lora": dict(max_steps=500, batch_size=16, lr=3e-3, warmup_steps=20, rank=8, alpha=16.0, replay=0.35),
         "dpo": dict(max_steps=120, batch_size=8, lr=5e-5, warmup_steps=10, beta=0.1),
-        "distill": dict(max_steps=400, batch_size=16, lr=2e-3, warmup_steps=20, student_scale=0.5),
+        # distill: T=1 and pretrain documents mixed in (the teacher's soft labels carry what it knows
+        # of the world's facts); at T=2 on SFT data alone KD lost to plain SFT (tiny EM 0.185 vs 0.205).
+        "distill": dict(max_steps=800, batch_size=16, lr=2e-3, warmup_steps=20, student_scale=0.5, temperature=1.0,
+                        replay_pretrain=1.0),
         "reason": dict(max_steps=400, batch_size=16, lr=1e-3, warmup_steps=20),
         "grpo": dict(max_steps=30, batch_size=4, lr=1e-4, warmup_steps=2, group=8, max_new_tokens=48),
     },
