@@ -15,6 +15,9 @@ is cut at an image boundary, never through an image, and keeps only the images s
 Images come either as `pixel_values` (decoded + preprocessed per step) or, with a
 `vlm.feature_cache.FeatureCache`, as cached fp16 `image_features` (encoded once, up front).
 
+`group_by_image` merges single-question rows about one image into multi-turn conversations (more
+supervised answers per image forward pass; `training.sft_vlm --turns-per-image`).
+
 Bad records (invalid turns, marker/image count mismatch, missing or undecodable images) are
 skipped with a warning naming file:line; they never stop the rest.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -167,6 +171,83 @@ def open_source(path: str | Path, image_root: str | Path | None = None):
     if path.suffix == ".json":
         return LlavaJson(path, root)
     raise ValueError(f"{path}: unknown format (expected .jsonl, .parquet or .json)")
+
+
+# ------------------------------------------------------------------------------------------ grouping
+def _one_question(row: dict) -> bool:
+    """A row `group_by_image` can merge: one image, one user question carrying its marker, one answer."""
+    turns = row.get("conversations")
+    return (isinstance(row.get("image"), str) and len(image_names(row["image"])) == 1
+            and isinstance(turns, list) and len(turns) == 2
+            and [t.get("role") for t in turns] == ["user", "assistant"]
+            and count_markers(turns[0].get("content") or "") == 1)
+
+
+def group_by_image(rows: list[dict], turns: int, seed: int = 0) -> list[dict]:
+    """Single-question rows -> multi-turn conversations of up to `turns` questions about one image.
+
+    A single-question sample supervises only its 1-2 answer tokens behind 64 image tokens; asking
+    several of an image's questions in one conversation supervises several answers per forward
+    pass. The first user turn keeps the `<image>` marker, later turns only ask. An image's
+    questions are shuffled (seeded by `seed` and the image name, so any question type may come
+    first, as in the single-question evaluation), then each joins the first conversation that
+    has room and cannot give its answer away: none of its `type` yet (the en/zh twin of a
+    question has the same answer) and its answer in no earlier turn ("What colour is the star?"
+    names the shape; so questions whose answer other questions name are placed first).
+    Otherwise the model learns to copy answers from the context instead of reading the image.
+    Other rows (several images, several turns, no marker) pass through unchanged; conversations
+    keep the order in which their images first appear.
+    """
+    if turns < 1:
+        raise ValueError(f"turns must be >= 1, got {turns}")
+    by_image: dict[str, list[dict]] = {}
+    order: list[tuple[str, object]] = []  # ("image", name) or ("row", row), in file order
+    for row in rows:
+        if not _one_question(row):
+            order.append(("row", row))
+            continue
+        name = row["image"].strip()
+        if name not in by_image:
+            by_image[name] = []
+            order.append(("image", name))
+        by_image[name].append(row)
+    out = []
+    for kind, item in order:
+        if kind == "row":
+            out.append(item)
+            continue
+        questions = list(by_image[item])
+        random.Random(f"{seed}:{item}").shuffle(questions)
+        # questions whose answer other questions name go first, while nothing before them names it
+        questions.sort(key=lambda q: -sum(q["conversations"][1]["content"].strip() in o["conversations"][0]["content"]
+                                          for o in questions if o is not q))
+        groups: list[list[dict]] = []
+        for q in questions:
+            home = next((g for g in groups if len(g) < turns and not _gives_away(g, q)), None)
+            if home is None:
+                groups.append([q])
+            else:
+                home.append(q)
+        out.extend(_merge(g) for g in groups)
+    return out
+
+
+def _gives_away(group: list[dict], row: dict) -> bool:
+    """Whether the turns of `group` would let `row`'s answer be read off the context."""
+    answer = row["conversations"][1]["content"].strip()
+    kind = row.get("type")
+    earlier = " ".join(t["content"] for r in group for t in r["conversations"])
+    return (kind is not None and any(r.get("type") == kind for r in group)) or answer in earlier
+
+
+def _merge(rows: list[dict]) -> dict:
+    conversation = []
+    for k, row in enumerate(rows):
+        question, answer = row["conversations"]
+        content = question["content"] if k == 0 else question["content"].replace(IMAGE_MARKER, "").strip()
+        conversation += [{"role": "user", "content": content}, {"role": "assistant", "content": answer["content"]}]
+    return {"conversations": conversation, "image": rows[0]["image"],
+            "types": [r.get("type") for r in rows], "langs": [r.get("lang") for r in rows]}
 
 
 # ------------------------------------------------------------------------------------------ encoding

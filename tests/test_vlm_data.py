@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from data.datasets import IGNORE_INDEX
 from data.vlm_datasets import (LlavaJson, MiniMindVJsonl, MiniMindVParquet, VLMDataset, encode_vlm_conversation,
-                               open_source, vlm_collate)
+                               group_by_image, open_source, vlm_collate)
 from training.train_tokenizer import main as train_tokenizer
 from vlm.feature_cache import FeatureCache
 from vlm.tokenizer import IMAGE_ID, load_tokenizer
@@ -133,3 +134,44 @@ def test_cached_and_pixel_datasets_give_the_same_features(world, tokenizer, enco
     a, b = cached[1], pixels[1]
     assert torch.equal(a["input_ids"], b["input_ids"])
     assert torch.allclose(a["image_features"].float(), encoder(b["pixel_values"]), rtol=2e-3, atol=2e-3)
+
+
+def test_group_by_image_asks_every_question_once_with_one_image(tokenizer):
+    kinds = ["colour", "shape", "count", "size"]
+    rows = [{"conversations": chat(f"<image>\nq{i}", f"a{i}"), "image": f"{i % 3}.png", "type": kinds[i % 4]}
+            for i in range(24)]
+    other = {"conversations": chat("<image> and <image>: what colour is the star?", "blue"), "image": "1.png, 2.png"}
+    grouped = group_by_image([*rows, other], turns=3)
+    assert grouped[-1] is other  # several images: passed through unchanged
+    merged = grouped[:-1]
+    assert max(len(g["conversations"]) for g in merged) == 6 and len(merged) < len(rows)
+    asked = {}
+    for g in merged:
+        turns = g["conversations"]
+        assert [t["role"] for t in turns] == ["user", "assistant"] * (len(turns) // 2)
+        assert turns[0]["content"].startswith("<image>") and "".join(t["content"] for t in turns).count("<image>") == 1
+        assert len(set(g["types"])) == len(g["types"])  # one question per type: no en/zh twin to copy from
+        for q, a in zip(turns[::2], turns[1::2]):
+            question = q["content"].replace("<image>", "").strip()
+            assert a["content"] == "a" + question[1:] and int(question[1:]) % 3 == int(g["image"][0])
+            asked[question] = asked.get(question, 0) + 1
+    assert asked == {f"q{i}": 1 for i in range(24)}
+    assert group_by_image(rows, turns=3) == merged  # deterministic
+
+    enc, kept = encode_vlm_conversation(tokenizer, merged[0]["conversations"], N, 10_000)
+    assert len(kept) == 1 and int((enc["input_ids"] == IMAGE_ID).sum()) == N
+    # every assistant turn is supervised: one run of labels per answer
+    supervised = (enc["labels"] != IGNORE_INDEX).long()
+    runs = int(((supervised[1:] - supervised[:-1]) == 1).sum()) + int(supervised[0])
+    assert runs == len(merged[0]["conversations"]) // 2
+
+
+def test_group_by_image_keeps_an_answer_out_of_earlier_turns():
+    rows = [{"conversations": chat("<image>\nWhat colour is the star?", "red"), "image": "0.png", "type": "colour"},
+            {"conversations": chat("<image>\nWhat shape is shown?", "star"), "image": "0.png", "type": "shape"},
+            {"conversations": chat("<image>\nIs the star small or large?", "small"), "image": "0.png", "type": "size"}]
+    for seed in range(5):
+        for g in group_by_image(rows, turns=3, seed=seed):
+            turns = g["conversations"]
+            for k in range(1, len(turns), 2):
+                assert turns[k]["content"] not in " ".join(t["content"] for t in turns[:k - 1])

@@ -70,3 +70,18 @@ def test_pretrain_then_sft_respect_their_freeze_policies(setup, tmp_path):
     assert not torch.equal(before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"])
     assert torch.equal(before["model.layers.1.self_attn.q_proj.weight"], after["model.layers.1.self_attn.q_proj.weight"])
     assert (tmp_path / "sft" / "vqa.json").is_file() and (tmp_path / "sft" / "processor_config.json").is_file()
+
+
+def test_sft_with_several_questions_per_image(setup, tmp_path):
+    root, world = setup
+    common = ["--data", str(world), "--preset", "micro", "--max-steps", "2", "--batch-size", "4", "--device", "cpu",
+              "--dtype", "fp32"]
+    pretrain_vlm.main([*common, "--feature-cache", str(tmp_path / "cache"), "--init", str(root / "lm"),
+                       "--out", str(tmp_path / "pre"), "--vision", "minimind-clip-tiny"])
+    # the grouped copy lives in OUT: images, feature cache and eval questions must still come from DATA
+    summary = sft_vlm.main([*common, "--init", str(tmp_path / "pre"), "--out", str(tmp_path / "sft"),
+                            "--eval-n", "4", "--turns-per-image", "4"])
+    grouped = (tmp_path / "sft" / "vlm_sft_grouped.jsonl").read_text(encoding="utf-8").splitlines()
+    single = (world / "vlm_sft.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(grouped) < len(single) and '"role": "assistant"' in grouped[0]
+    assert summary["vlm.vqa_n"] == 4 and (tmp_path / "sft" / "vqa.json").is_file()
