@@ -137,7 +137,8 @@ def preference_metrics(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta
 
 def main(argv: list[str] | None = None) -> dict:
     from training.lm_stage import build_parser
-    from training.posttrain_pipeline import DPO_EVAL_FILES, DPO_TRAIN_FILES, find_data, load_init, parse_stage, saver
+    from training.posttrain_pipeline import (DPO_EVAL_FILES, DPO_TRAIN_FILES, find_data, load_policy_and_reference,
+                                             parse_stage, saver)
 
     p = build_parser("dpo", __doc__.splitlines()[0])
     p.add_argument("--beta", type=float, help="strength of the implicit KL to the reference (default 0.1)")
@@ -147,9 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, _ = parse_stage(p, "dpo", argv)
     if not args.init:
         raise SystemExit("--init: DPO starts from an SFT checkpoint folder")
-    model, tokenizer, tok_dir = load_init(args.init)
-    ref, _, _ = load_init(args.init)
-    ref.eval().requires_grad_(False)
+    model, ref, tokenizer, tok_dir = load_policy_and_reference(args.init)
     train = attach_reference(PreferenceDataset(find_data(args.data, *DPO_TRAIN_FILES), tokenizer, args.max_len), ref)
 
     from training.cli import config_from_args

@@ -132,7 +132,7 @@ def make_grpo_loss(ref_model, tokenizer, group: int, max_new_tokens: int, temper
 def main(argv: list[str] | None = None) -> dict:
     from training.cli import config_from_args
     from training.lm_stage import build_parser
-    from training.posttrain_pipeline import load_init, parse_stage, posttrain_file, saver
+    from training.posttrain_pipeline import load_policy_and_reference, parse_stage, posttrain_file, saver
 
     p = build_parser("grpo", __doc__.splitlines()[0])
     p.add_argument("--group", type=int, help="responses sampled per prompt (G)")
@@ -144,9 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, _ = parse_stage(p, "grpo", argv)
     if not args.init:
         raise SystemExit("--init: GRPO starts from an SFT (ideally reasoning-distilled) checkpoint folder")
-    model, tokenizer, tok_dir = load_init(args.init)
-    ref, _, _ = load_init(args.init)
-    ref.eval().requires_grad_(False)
+    model, ref, tokenizer, tok_dir = load_policy_and_reference(args.init)
     dataset = PromptDataset(posttrain_file(args.data, "grpo_train.jsonl"), tokenizer, args.max_len)
     loss_fn = make_grpo_loss(ref, tokenizer, args.group or 8, args.max_new_tokens or 64, args.temperature, args.clip_eps,
                              args.beta, args.format_weight, args.seed)

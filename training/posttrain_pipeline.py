@@ -72,6 +72,13 @@ def load_init(folder: str | Path):
     return MiniMindForCausalLM.from_pretrained(str(folder)), load_tokenizer(folder), folder
 
 
+def load_policy_and_reference(folder: str | Path):
+    """(policy, frozen reference, tokenizer, tokenizer folder): two copies of one checkpoint, as DPO and GRPO need."""
+    policy, tokenizer, tok_dir = load_init(folder)
+    reference = load_init(folder)[0].eval().requires_grad_(False)
+    return policy, reference, tokenizer, tok_dir
+
+
 def find_data(data: str | Path, *candidates: str) -> Path:
     """DATA itself when it is a file, else the first of DATA/<candidate> that exists."""
     path = Path(data)
