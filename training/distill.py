@@ -25,9 +25,9 @@ def kd_loss_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor | N
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """(loss_sum, ce_sum, kl_sum, n_tokens) over supervised positions; logits [B, T, V] already shifted.
 
-    `reverse` uses KL(student_T || teacher_T) (mode-seeking, as in MiniLLM, Gu et al. 2023): a small
-    student cannot cover every mode of the teacher, and spreading its mass over them (forward KL)
-    makes its greedy answers worse."""
+    `reverse` uses KL(student_T || teacher_T), mode-seeking as in MiniLLM (Gu et al. 2023), for
+    students too small to cover the teacher's modes. At tiny it did not pay (400 steps, T=1: EM 0.19,
+    ppl 3.48 vs forward KL 0.195, 2.78), so forward stays the default."""
     keep = labels != -100
     s = student_logits[keep].float()
     y = labels[keep]
@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[distill] student {n_params(student):,} params = {ratio:.3f} of the teacher's {n_params(teacher):,}")
     sft_file = world_file(args.data, "sft.jsonl")
     dataset = with_pretrain_replay(SFTDataset(sft_file, tokenizer, args.max_len), sft_file, tokenizer, args)
-    trainer = Trainer(student, dataset, pad_collate, make_kd_loss(teacher, args.alpha, args.temperature, args.divergence == "reverse"),
-                      config_from_args(args), save_fn=saver(tok_dir))
+    loss_fn = make_kd_loss(teacher, args.alpha, args.temperature, reverse=args.divergence == "reverse")
+    trainer = Trainer(student, dataset, pad_collate, loss_fn, config_from_args(args), save_fn=saver(tok_dir))
     summary = trainer.train() | {"student_params": n_params(student), "teacher_params": n_params(teacher),
                                  "param_ratio": ratio}
     print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float))}, indent=2))
