@@ -11,8 +11,8 @@ The stage is the shared Trainer plus CLIP's symmetric InfoNCE loss over the in-b
 star" -> "a small red circle") as an extra negative for its image (NegCLIP-style). `--grey-copies P`
 adds a grey copy of a share P of the images, captioned without colour words (`data.scenes`
 captions only; bar charts excluded): shapes must then be seen apart from their colour, which is
-what the held-out colour+shape pairs test. A batch's loss is a mean over its pairs, so the stage reports `loss_sum = loss * batch` with
-one unit per pair. Note: contrastive negatives come from one micro-batch, so unlike the LM stages a
+what the held-out colour+shape pairs test. A batch's loss is a mean over its pairs, so the stage
+reports `loss_sum = loss * batch` with one unit per pair. Note: contrastive negatives come from one micro-batch, so unlike the LM stages a
 larger --batch-size is not equivalent to --grad-accum (nor, under DDP, to more ranks).
 
 Output: an open_clip checkpoint folder (`open_clip_config.json` + `open_clip_model.safetensors`,
@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from data.scenes import colourless_caption, hard_negative
-
 from training.cli import add_common_args, config_from_args
 from training.trainer import LossOutput, Trainer
 from vlm.images import load_image

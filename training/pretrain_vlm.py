@@ -140,8 +140,12 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
 
 def run_vlm_stage(stage: str, argv: list[str] | None, description: str,
                   extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
-                  after: Callable[[argparse.Namespace, Path, dict], dict] | None = None) -> dict:
-    """Parse the flags, build model + dataset, train; `after(args, data_file, summary)` may add results."""
+                  after: Callable[[argparse.Namespace, Path, dict], dict] | None = None,
+                  prepare: Callable[[argparse.Namespace, Path], tuple[Path, int]] | None = None) -> dict:
+    """Parse the flags, build model + dataset, train; `after(args, data_file, summary)` may add results.
+
+    `prepare(args, data_file)` may return a rewritten training file and the extra text tokens its
+    samples need; images and the feature cache are still found beside the original data file."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     spec = STAGES[stage]
     parser = build_parser(stage, description)
@@ -163,8 +167,10 @@ def run_vlm_stage(stage: str, argv: list[str] | None, description: str,
     data_file = resolve_data_file(args.data, spec["data_file"])
     cache_dir = None if (args.feature_cache or "").lower() == "none" else \
         (args.feature_cache or str(data_file.parent / "feature_cache"))
-    max_len = args.max_len or model.num_image_tokens + TEXT_BUDGET
-    dataset = build_dataset(model, tokenizer, data_file, args.images, cache_dir, max_len, encode_device(args.device))
+    images = args.images or str(data_file.parent / "images" if (data_file.parent / "images").is_dir() else data_file.parent)
+    train_file, extra_text = prepare(args, data_file) if prepare is not None else (data_file, 0)
+    max_len = args.max_len or model.num_image_tokens + TEXT_BUDGET + extra_text
+    dataset = build_dataset(model, tokenizer, train_file, images, cache_dir, max_len, encode_device(args.device))
     apply_freeze(model, args.freeze)
     n_train = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
     print(json.dumps({"stage": stage, "freeze": args.freeze, "trainable_params": n_train,

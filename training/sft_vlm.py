@@ -27,8 +27,7 @@ import torch
 
 from data.vlm_datasets import group_by_image
 from training.evaluate import normalize_answer
-from training.lm_stage import resolve_data_file
-from training.pretrain_vlm import STAGES, TEXT_BUDGET, run_vlm_stage
+from training.pretrain_vlm import run_vlm_stage
 from vlm.modeling_vlm import MiniMindVLM
 from vlm.processor import VLMProcessor
 from vlm.tokenizer import EOS_ID
@@ -97,45 +96,22 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
                              f"(default per preset: {TURNS_PER_IMAGE})")
 
 
-def _grouped_argv(argv: list[str]) -> tuple[list[str], Path | None]:
-    """With --turns-per-image N > 1: write the grouped data to OUT and point --data there.
-
-    Returns the new argv and the original data file (its folder holds the eval questions), or the
-    argv unchanged and None. The images and the feature cache stay where the original data is.
-    """
-    pre = argparse.ArgumentParser(add_help=False)
-    for flag in ("--data", "--out", "--preset", "--images", "--feature-cache", "--max-len", "--init"):
-        pre.add_argument(flag)
-    pre.add_argument("--turns-per-image", type=int)
-    known, _ = pre.parse_known_args(argv)
-    turns = known.turns_per_image or TURNS_PER_IMAGE.get(known.preset or "tiny", 1)
-    if turns <= 1 or not known.data or not known.out:
-        return argv, None
-    source = resolve_data_file(known.data, STAGES["sft_vlm"]["data_file"])
-    if source.suffix != ".jsonl":
-        raise SystemExit(f"--turns-per-image needs a .jsonl data file, got {source}")
-    rows = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
-    grouped = Path(known.out) / "vlm_sft_grouped.jsonl"
+def _grouped_data(args: argparse.Namespace, data_file: Path) -> tuple[Path, int]:
+    """With --turns-per-image N > 1: the data grouped by image, written to OUT, and the text room the
+    extra turns need (or the later answers would be cut off); else the data file unchanged."""
+    turns = args.turns_per_image or TURNS_PER_IMAGE.get(args.preset or "tiny", 1)
+    if turns <= 1:
+        return data_file, 0
+    if data_file.suffix != ".jsonl":
+        raise SystemExit(f"--turns-per-image needs a .jsonl data file, got {data_file}")
+    rows = [json.loads(line) for line in data_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    grouped = Path(args.out) / "vlm_sft_grouped.jsonl"
     grouped.parent.mkdir(parents=True, exist_ok=True)
     tmp = grouped.with_name(f"{grouped.name}.{os.getpid()}.tmp")  # DDP ranks each write, none reads a torn file
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in group_by_image(rows, turns)),
                    encoding="utf-8")
     os.replace(tmp, grouped)
-    extra = ["--data", str(grouped)]  # argparse keeps the last --data
-    if not known.images:
-        extra += ["--images", str(source.parent / "images" if (source.parent / "images").is_dir() else source.parent)]
-    if not known.feature_cache:
-        extra += ["--feature-cache", str(source.parent / "feature_cache")]
-    if not known.max_len:  # room for every turn, or the later answers would be cut off
-        extra += ["--max-len", str(_image_tokens(known.init) + TEXT_BUDGET + TURN_BUDGET * (turns - 1))]
-    return [*argv, *extra], source
-
-
-def _image_tokens(init: str | None, default: int = 64) -> int:
-    config = Path(init or "") / "config.json"
-    if config.is_file():
-        return int(json.loads(config.read_text(encoding="utf-8")).get("num_image_tokens", default))
-    return default
+    return grouped, TURN_BUDGET * (turns - 1)
 
 
 def _evaluate_after(args: argparse.Namespace, data_file: Path, summary: dict) -> dict:
@@ -156,11 +132,8 @@ def _evaluate_after(args: argparse.Namespace, data_file: Path, summary: dict) ->
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    argv, source = _grouped_argv(argv)
-    # evaluate on the original data's held-out questions, not next to the grouped copy in OUT
-    after = _evaluate_after if source is None else (lambda args, _file, summary: _evaluate_after(args, source, summary))
-    return run_vlm_stage("sft_vlm", argv, __doc__.splitlines()[0], extra_args=_add_flags, after=after)
+    return run_vlm_stage("sft_vlm", argv, __doc__.splitlines()[0], extra_args=_add_flags, after=_evaluate_after,
+                         prepare=_grouped_data)
 
 
 if __name__ == "__main__":
