@@ -53,16 +53,16 @@ SYSTEM_CONV = [
     {"role": "assistant", "content": "歌手"},
 ]
 # The hand-built dump: the rendered conversation cut into pieces, each marked supervised or not.
-# Only assistant contents and their closing <|im_end|> are learned; headers, the "\n" after a header
+# Only assistant contents and their closing <|im_end|> are learned; headers, the "\n " after a header
 # and the "\n" after <|im_end|>, system and user turns are not.
 GOLDEN = [
-    ("<|im_start|>", False), ("system", False), ("\n", False), ("Be brief.", False), ("<|im_end|>", False), ("\n", False),
-    ("<|im_start|>", False), ("user", False), ("\n", False), ("Where was Kelxi born?", False), ("<|im_end|>", False),
+    ("<|im_start|>", False), ("system", False), ("\n ", False), ("Be brief.", False), ("<|im_end|>", False), ("\n", False),
+    ("<|im_start|>", False), ("user", False), ("\n ", False), ("Where was Kelxi born?", False), ("<|im_end|>", False),
     ("\n", False),
-    ("<|im_start|>", False), ("assistant", False), ("\n", False), ("Merro", True), ("<|im_end|>", True), ("\n", False),
-    ("<|im_start|>", False), ("user", False), ("\n", False), ("科巴赞是做什么工作的？", False), ("<|im_end|>", False),
+    ("<|im_start|>", False), ("assistant", False), ("\n ", False), ("Merro", True), ("<|im_end|>", True), ("\n", False),
+    ("<|im_start|>", False), ("user", False), ("\n ", False), ("科巴赞是做什么工作的？", False), ("<|im_end|>", False),
     ("\n", False),
-    ("<|im_start|>", False), ("assistant", False), ("\n", False), ("歌手", True), ("<|im_end|>", True), ("\n", False),
+    ("<|im_start|>", False), ("assistant", False), ("\n ", False), ("歌手", True), ("<|im_end|>", True), ("\n", False),
 ]
 
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from vlm.tokenizer import BOS_TOKEN, CHAT_TEMPLATE, EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN, SPECIAL_TOKENS, TAG_TOKENS
 
@@ -38,9 +38,13 @@ def iter_texts(files: Iterable[Path], max_chars: int | None = None) -> Iterator[
 def train_tokenizer(texts: Iterable[str], out: str | Path, vocab_size: int = 6400, model_max_length: int = 32768) -> Path:
     """Train a byte-level BPE on `texts` and save a Hugging Face tokenizer folder to `out`."""
     tok = Tokenizer(models.BPE())
-    # Digits split one by one: arithmetic and numbers generalise much better for small models.
+    # A word is the same tokens wherever it stands: spaces are tokens of their own (so "Merro" in
+    # "born in Merro" and an answer "Merro" right after the chat header share ids), and every Han
+    # character and digit is one pre-token (digits one by one generalise better in arithmetic; BPE cannot fuse "养了一只鹦鹉" into one id that hides
+    # the word a question asks for). Measured on the tiny world, same steps: English statement
+    # completion 0.56 -> 0.95, Chinese closed-book EM 0.23 -> 0.30.
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.Split(Regex(r"\p{Han}|\p{N}| "), "isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False),
     ])
     tok.decoder = decoders.ByteLevel()

@@ -25,21 +25,25 @@ PAD_ID, BOS_ID, EOS_ID, IMAGE_ID = range(4)
 
 ROLES = ("system", "user", "assistant", "tool")
 
-# ChatML, as MiniMind and Qwen use it. Each turn: <|im_start|>{role}\n{content}<|im_end|>\n
+# ChatML, as MiniMind and Qwen use it, with one change: a space between the header and the content.
+# Each turn: <|im_start|>{role}\n {content}<|im_end|>\n. Our tokenizer makes spaces tokens of their
+# own, so in pretraining every word but a document's first follows a space token; the answer's first
+# word follows one too and is predicted from the same place as in running text. Measured on the tiny
+# world (same pretrain checkpoint and SFT steps): closed-book EM 0.24 -> 0.60 (English 0.18 -> 0.82).
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
     "{{ raise_exception('unknown role: ' + message['role']) }}"
     "{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{{ '<|im_start|>' + message['role'] + '\n ' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n ' }}{% endif %}"
 )
 
 
 def turn_prefix(role: str) -> str:
     """Text that opens a turn; the model is never trained to produce it."""
-    return f"{BOS_TOKEN}{role}\n"
+    return f"{BOS_TOKEN}{role}\n "
 
 
 def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> str:
