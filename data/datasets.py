@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from data.jsonl import DataError, JsonlFile
-from vlm.tokenizer import BOS_ID, EOS_ID, EOS_TOKEN, ROLES, render_chat, turn_prefix
+from vlm.tokenizer import BOS_ID, CONTENT_SEP, EOS_ID, EOS_TOKEN, ROLES, render_chat, turn_prefix
 
 IGNORE_INDEX = -100
 
@@ -71,11 +71,12 @@ def encode_text(tokenizer, text: str, max_len: int) -> dict[str, torch.Tensor]:
 
 
 def supervised_spans(messages: list[dict]) -> list[tuple[int, int]]:
-    """Character spans of render_chat(messages) to learn: each assistant content + its `<|im_end|>`."""
+    """Character spans of render_chat(messages) to learn: each assistant content (with the space
+    before it, which the model writes) + its `<|im_end|>`."""
     spans, pos = [], 0
     for m in messages:
         head = len(turn_prefix(m["role"]))
-        body = len(m["content"]) + len(EOS_TOKEN)
+        body = len(CONTENT_SEP) + len(m["content"]) + len(EOS_TOKEN)
         if m["role"] == "assistant":
             spans.append((pos + head, pos + head + body))
         pos += head + body + 1  # + the "\n" that closes every turn

@@ -53,16 +53,16 @@ SYSTEM_CONV = [
     {"role": "assistant", "content": "歌手"},
 ]
 # The hand-built dump: the rendered conversation cut into pieces, each marked supervised or not.
-# Only assistant contents and their closing <|im_end|> are learned; headers, the "\n " after a header
+# Only assistant contents (with the space before them) and their closing <|im_end|> are learned; headers, the "\n" after a header
 # and the "\n" after <|im_end|>, system and user turns are not.
 GOLDEN = [
-    ("<|im_start|>", False), ("system", False), ("\n ", False), ("Be brief.", False), ("<|im_end|>", False), ("\n", False),
-    ("<|im_start|>", False), ("user", False), ("\n ", False), ("Where was Kelxi born?", False), ("<|im_end|>", False),
+    ("<|im_start|>", False), ("system", False), ("\n", False), (" Be brief.", False), ("<|im_end|>", False), ("\n", False),
+    ("<|im_start|>", False), ("user", False), ("\n", False), (" Where was Kelxi born?", False), ("<|im_end|>", False),
     ("\n", False),
-    ("<|im_start|>", False), ("assistant", False), ("\n ", False), ("Merro", True), ("<|im_end|>", True), ("\n", False),
-    ("<|im_start|>", False), ("user", False), ("\n ", False), ("科巴赞是做什么工作的？", False), ("<|im_end|>", False),
+    ("<|im_start|>", False), ("assistant", False), ("\n", False), (" Merro", True), ("<|im_end|>", True), ("\n", False),
+    ("<|im_start|>", False), ("user", False), ("\n", False), (" 科巴赞是做什么工作的？", False), ("<|im_end|>", False),
     ("\n", False),
-    ("<|im_start|>", False), ("assistant", False), ("\n ", False), ("歌手", True), ("<|im_end|>", True), ("\n", False),
+    ("<|im_start|>", False), ("assistant", False), ("\n", False), (" 歌手", True), ("<|im_end|>", True), ("\n", False),
 ]
 
 
@@ -90,7 +90,8 @@ def test_sft_labels_match_golden_dump(tok, tok_pad_is_eos, pad_is_eos):
     sup = [i for i, l in enumerate(labels) if l != -100]
     # Two answers, each followed by its end token, and nothing else.
     assert [labels[i] for i in sup].count(EOS_ID) == 2
-    assert t.decode([labels[i] for i in sup]) == "Merro<|im_end|>歌手<|im_end|>"
+    # each answer with the space the template puts before it (decode drops only the very first one)
+    assert t.decode([labels[i] for i in sup]) == "Merro<|im_end|> 歌手<|im_end|>"
     first = ids.index(EOS_ID)
     assert all(labels[i] == -100 for i in range(first + 1))  # system turn, including its end token
 
@@ -113,7 +114,7 @@ def test_tool_turns_and_multi_turn_are_masked(tok):
             {"role": "tool", "content": "Merro"}, {"role": "assistant", "content": "Merro"}]
     enc = encode_conversation(tok, conv, 512)
     sup = [t for t in enc["labels"].tolist() if t != -100]
-    assert tok.decode(sup) == "<tool_call>x</tool_call><|im_end|>Merro<|im_end|>"
+    assert tok.decode(sup) == "<tool_call>x</tool_call><|im_end|> Merro<|im_end|>"
 
 
 def test_truncation_keeps_a_supervised_answer(tok):

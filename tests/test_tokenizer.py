@@ -55,15 +55,17 @@ def test_digits_are_single_tokens(tok_dir):
 
 
 def test_a_word_has_the_same_ids_wherever_it_stands(tok_dir):
-    """What a model reads in a sentence and writes as an answer must be the same ids: "Amber" after a
-    space, at a document's start and after the chat header; a Han character never fuses with its
-    neighbours (so the town in "住在琥珀镇" is the same ids as the answer "琥珀镇")."""
+    """What a model reads in a sentence and writes as an answer must be the same ids: " Amber" in a
+    sentence and the answer "Amber" after the chat header; a Han character never fuses with its
+    neighbours (so the town in "住在琥珀镇" is the same ids as the answer "琥珀镇"); decoding the
+    answer's ids gives the answer without the space that the template put before it."""
     tok = load_tokenizer(tok_dir)
     ids = lambda text: tok(text, add_special_tokens=False).input_ids
-    amber = ids("Amber")
+    amber = ids(" Amber")
     assert ids("lives in Amber")[-len(amber):] == amber
     answer = ids(render_chat([{"role": "assistant", "content": "Amber"}]))
-    assert answer[-len(amber) - 2:-2] == amber and tok.convert_ids_to_tokens(answer[-len(amber) - 3]) == "Ġ"
+    assert answer[-len(amber) - 2:-2] == amber
+    assert tok.decode(amber) == "Amber"
     sentence, town = ids("蓝色的狐狸住在琥珀镇。"), ids("琥珀镇")
     assert any(sentence[i:i + len(town)] == town for i in range(len(sentence)))
     assert len(town) == 3  # one id per character (each one is in the training text)

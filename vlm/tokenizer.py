@@ -25,12 +25,13 @@ PAD_ID, BOS_ID, EOS_ID, IMAGE_ID = range(4)
 
 ROLES = ("system", "user", "assistant", "tool")
 
-# ChatML, as MiniMind and Qwen use it, with one change: a space between the header and the content.
-# Each turn: <|im_start|>{role}\n {content}<|im_end|>\n. Our tokenizer makes spaces tokens of their
-# own, so in pretraining every word but a document's first follows a space token; the answer's first
-# word follows one too and is predicted from the same place as in running text. Measured on the tiny
-# world (same pretrain checkpoint and SFT steps): closed-book EM 0.24 -> 0.60 (English 0.18 -> 0.82);
-# an end-to-end run whose pretraining memorised less gave 0.18, so the gain waits on pretraining.
+# ChatML, as MiniMind and Qwen use it, with one change: the content follows a space.
+# Each turn: <|im_start|>{role}\n {content}<|im_end|>\n; the generation prompt is the usual
+# <|im_start|>assistant\n. The space belongs to the content (the model writes it as part of its
+# answer), so the answer's first word is the same ids as in running text ("born in Merro" and the
+# answer "Merro" both give `ĠMerro`); the tokenizer's decoder drops one leading space, so decoded
+# answers read "Merro". Tiny world, same pretrain checkpoint and SFT steps: context EM 0.605 -> 0.73.
+CONTENT_SEP = " "
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
@@ -38,13 +39,13 @@ CHAT_TEMPLATE = (
     "{% endif %}"
     "{{ '<|im_start|>' + message['role'] + '\n ' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n ' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 
 def turn_prefix(role: str) -> str:
     """Text that opens a turn; the model is never trained to produce it."""
-    return f"{BOS_TOKEN}{role}\n "
+    return f"{BOS_TOKEN}{role}\n"
 
 
 def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -54,7 +55,7 @@ def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> st
         role = m.get("role")
         if role not in ROLES:
             raise ValueError(f"message {i}: unknown role {role!r} (expected one of {ROLES})")
-        out.append(f"{turn_prefix(role)}{m.get('content', '')}{EOS_TOKEN}\n")
+        out.append(f"{turn_prefix(role)}{CONTENT_SEP}{m.get('content', '')}{EOS_TOKEN}\n")
     if add_generation_prompt:
         out.append(turn_prefix("assistant"))
     return "".join(out)
