@@ -30,7 +30,8 @@ ROLES = ("system", "user", "assistant", "tool")
 # <|im_start|>assistant\n. The space belongs to the content (the model writes it as part of its
 # answer), so the answer's first word is the same ids as in running text ("born in Merro" and the
 # answer "Merro" both give `ĠMerro`); the tokenizer's decoder drops one leading space, so decoded
-# answers read "Merro". Tiny world, same pretrain checkpoint and SFT steps: context EM 0.605 -> 0.73.
+# answers read "Merro". Tiny world, same pretrain checkpoint and SFT steps: context EM 0.605 -> 0.73
+# (0.85 with the 2000 SFT steps of the tiny preset).
 CONTENT_SEP = " "
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
