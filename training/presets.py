@@ -22,7 +22,7 @@ PRESETS: dict[str, dict] = {
         "vocab_size": 2048,
         "max_len": 256,
         "model": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
-        "pretrain": dict(max_steps=2000, batch_size=16, lr=2e-3, warmup_steps=60),
+        "pretrain": dict(max_steps=3000, batch_size=16, lr=2e-3, warmup_steps=60),
         "sft": dict(max_steps=2000, batch_size=16, lr=1e-3, warmup_steps=30, replay_pretrain=0.2),
         "eval_limit": 200,
         "vqa_limit": 300,
