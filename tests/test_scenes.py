@@ -50,8 +50,13 @@ def test_files_follow_minimind_v_format(micro):
         assert isinstance(r["unseen_combo"], bool) and len(r["answer"].split()) == 1
         assert r["image"].startswith("eval/")
     assert any(r["unseen_combo"] for r in vqa) and not all(r["unseen_combo"] for r in vqa)
+    # CLIP sees the train images and the caption-only `clip` images; the VLM stages only the former
     clip = _rows(out / "clip_pretrain.jsonl")
-    assert len(clip) == 96 and all(r["caption"] and r["image"].startswith("train/") for r in clip)
+    assert summary["clip_only_images"] == 24 and len(clip) == 2 * (48 + 24) and all(r["caption"] for r in clip)
+    assert {r["image"].split("/")[0] for r in clip} == {"train", "clip"}
+    assert all((out / "images" / r["image"]).is_file() for r in clip)
+    vlm_images = {r["image"] for name in ["vlm_pretrain.jsonl", "vlm_sft.jsonl"] for r in _rows(out / name)}
+    assert all(i.startswith("train/") for i in vlm_images)
 
 
 def test_training_never_shows_a_held_out_pair_but_eval_does(micro):
