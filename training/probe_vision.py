@@ -1,0 +1,98 @@
+"""What a frozen vision encoder's patch tokens hold: linear (ridge) probes on fresh synthetic scenes.
+
+`python -m training.probe_vision --vision CLIP_DIR_OR_NAME [--train 1500] [--test 300]`
+
+For each question a scene answers (position and shape of a single shape, the word of a text scene),
+the probe fits a ridge classifier on `--train` fresh training-split scenes and scores `--test` others,
+once on the flattened patch tokens of every layer (slot-specific weights: what the tokens hold at all)
+and once on their mean (one weight vector for every slot, the kind of readout attention does easily).
+If a probe is high and the VLM's answers are low, the VLM is not reading what the encoder gives it.
+Prints JSON: `{question: {feature: accuracy}}` plus the chance level of each question.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from data.scenes import POSITIONS, SHAPES, WORDS, Scene, sample_scene
+from data.scenes_render import render
+from vlm.vision import VisionEncoder
+
+QUESTIONS: dict[str, tuple[str, Callable[[Scene], int], int]] = {  # name -> (scene kind, label, classes)
+    "position": ("single", lambda s: list(POSITIONS).index(s.objects[0].position), len(POSITIONS)),
+    "shape": ("single", lambda s: list(SHAPES).index(s.objects[0].shape), len(SHAPES)),
+    "word": ("text", lambda s: WORDS.index(s.text), len(WORDS)),
+}
+
+
+def ridge_accuracy(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
+                   classes: int, lam: float = 10.0) -> float:
+    """Top-1 accuracy of a one-vs-all ridge classifier (standardised features, dual form: n << d)."""
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-5
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    targets = torch.nn.functional.one_hot(y_train, classes).double()
+    gram = x_train.double() @ x_train.double().T
+    alpha = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype), targets)
+    scores = x_test.double() @ x_train.double().T @ alpha
+    return float((scores.argmax(1) == y_test).float().mean())
+
+
+@torch.inference_mode()
+def layer_features(encoder: VisionEncoder, images: list, batch_size: int = 100) -> dict[str, torch.Tensor]:
+    """`{"layer_i": [B, N*D], ..., "final": [B, N*D], "final_mean": [B, D]}` (class token dropped)."""
+    outputs: dict[str, list[torch.Tensor]] = {}
+    captured: dict[int, torch.Tensor] = {}
+    blocks = encoder.visual.transformer.resblocks
+    hooks = [b.register_forward_hook(lambda m, i, o, k=k: captured.__setitem__(k, o)) for k, b in enumerate(blocks)]
+    try:
+        for start in range(0, len(images), batch_size):
+            final = encoder(encoder.pixel_values(images[start:start + batch_size]))
+            n = final.shape[1]
+            feats = {f"layer_{k}": h[:, -n:] for k, h in captured.items()}  # the last N tokens are the patches
+            feats |= {"final": final, "final_mean": final.mean(1)}
+            for name, f in feats.items():
+                outputs.setdefault(name, []).append(f.reshape(len(f), -1).float())
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: torch.cat(parts) for name, parts in outputs.items()}
+
+
+def probe(encoder: VisionEncoder, n_train: int = 1500, n_test: int = 300, seed: int = 0) -> dict:
+    size = encoder.image_size
+    report: dict = {}
+    for name, (kind, label, classes) in QUESTIONS.items():
+        rng_train, rng_test = random.Random(f"probe-{seed}-{name}-train"), random.Random(f"probe-{seed}-{name}-test")
+        train = [sample_scene(rng_train, "train", kind) for _ in range(n_train)]
+        test = [sample_scene(rng_test, "train", kind) for _ in range(n_test)]
+        f_train = layer_features(encoder, [render(s, size) for s in train])
+        f_test = layer_features(encoder, [render(s, size) for s in test])
+        y_train, y_test = torch.tensor([label(s) for s in train]), torch.tensor([label(s) for s in test])
+        report[name] = {feat: round(ridge_accuracy(f_train[feat], y_train, f_test[feat], y_test, classes), 3)
+                        for feat in f_train}
+        report[name]["chance"] = round(1 / classes, 3)
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m training.probe_vision", description=__doc__.splitlines()[0])
+    p.add_argument("--vision", required=True, help="a CLIP checkpoint folder (training.pretrain_clip) or an open_clip name")
+    p.add_argument("--train", type=int, default=1500, help="fresh scenes the probe is fitted on, per question")
+    p.add_argument("--test", type=int, default=300, help="fresh scenes it is scored on, per question")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    encoder = (VisionEncoder.from_open_clip(pretrained=args.vision) if Path(args.vision).is_dir()
+               else VisionEncoder.from_open_clip(args.vision))
+    report = probe(encoder, args.train, args.test, args.seed)
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
