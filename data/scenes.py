@@ -346,10 +346,9 @@ def write_scene_splits(out_dir: str | Path, seed: int = 0, scale: str = "tiny") 
             image = f"{split}/{i:06d}.png"
             render(scene, spec["size"]).save(out / "images" / image, optimize=False)
             en, zh = caption(scene, "en"), caption(scene, "zh")
-            if split == "clip":
+            if split != "eval":
                 clip_rows += [{"image": image, "caption": en, "lang": "en"}, {"image": image, "caption": zh, "lang": "zh"}]
-            elif split == "train":
-                clip_rows += [{"image": image, "caption": en, "lang": "en"}, {"image": image, "caption": zh, "lang": "zh"}]
+            if split == "train":
                 for lang, text in (("en", en), ("zh", zh)):
                     pre_rows.append({"conversations": _chat(rng.choice(DESCRIBE[lang]), text), "image": image})
                 for lang in ("en", "zh"):  # every question in both languages: answers align across them
@@ -359,7 +358,7 @@ def write_scene_splits(out_dir: str | Path, seed: int = 0, scale: str = "tiny") 
                     lang = rng.choice(["en", "zh"])
                     sft_rows.append({"conversations": _chat(rng.choice(DESCRIBE[lang]), en if lang == "en" else zh),
                                      "image": image, "type": "caption", "lang": lang})
-            else:
+            elif split == "eval":
                 cap_rows.append({"image": image, "caption": en, "caption_zh": zh, "kind": kind,
                                  "unseen_combo": scene.unseen_combo})
                 # Two questions per eval image, one per language, of different types where possible
