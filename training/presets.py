@@ -23,8 +23,9 @@ PRESETS: dict[str, dict] = {
         "max_len": 256,
         "model": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
         "pretrain": dict(max_steps=3000, batch_size=16, lr=2e-3, warmup_steps=60),
-        # replay: pretrain documents keep the facts alive through SFT (closed-book EM 0.475 at 0.2, 0.575 at
-        # 0.5, 0.633 at 1.0, but at 1.0 English context QA falls 0.91 -> 0.44)
+        # replay: pretrain documents keep the facts alive through SFT (on one pretrained model, closed-book
+        # EM 0.475 at 0.2, 0.575 at 0.5, 0.633 at 1.0, but at 1.0 English context QA falls 0.91 -> 0.44);
+        # it keeps only what pretraining stored, which still varies between runs (0.333-0.658 at 0.5)
         "sft": dict(max_steps=2000, batch_size=16, lr=1e-3, warmup_steps=30, replay_pretrain=0.5),
         "eval_limit": 200,
         "vqa_limit": 300,
