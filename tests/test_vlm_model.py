@@ -191,3 +191,32 @@ def test_projector_positions_tell_patch_slots_apart_and_survive_save_load(tokeni
     assert loaded.config.projector_positions and loaded.config.projector_type == "mlp"
     with torch.no_grad():
         assert torch.equal(loaded.project_images(image_features=same), model.project_images(image_features=same))
+
+
+def test_pixel_shuffle_packs_each_block_of_patches_into_one_token(tokenizer, tmp_path):
+    from vlm.projector import PixelShuffle
+    # a 4x4 grid whose patch (row, col) holds the feature [row, col]: each 2x2 block -> one token
+    grid = torch.tensor([[r, c] for r in range(4) for c in range(4)], dtype=torch.float32)[None]
+    packed = PixelShuffle(2)(grid)
+    assert packed.shape == (1, 4, 8)
+    assert packed[0, 1].tolist() == [0, 2, 0, 3, 1, 2, 1, 3]  # top-right block: (0,2) (0,3) (1,2) (1,3)
+    assert packed[0, 2].tolist() == [2, 0, 2, 1, 3, 0, 3, 1]  # bottom-left block
+    with pytest.raises(ValueError, match="square patch grid"):
+        PixelShuffle(3)(grid)
+
+    model = MiniMindVLM.from_lm(tiny_lm(len(tokenizer)), VisionEncoder.from_open_clip("minimind-clip-tiny"),
+                                projector_shuffle=2).eval()
+    assert model.config.num_image_tokens == 16 and model.vision.num_patches == 64
+    proc = VLMProcessor.from_config(model.config, tokenizer)
+    batch = proc(messages=[{"role": "user", "content": "<image>\nWhat colour is it?"}], images=[image(3)])
+    assert int((batch["input_ids"] == IMAGE_ID).sum()) == 16
+    with torch.no_grad():
+        embeds = model.embed_inputs(batch["input_ids"], batch["pixel_values"])
+        expected = model.projector[1](PixelShuffle(2)(model.vision(batch["pixel_values"])))[0]
+        assert torch.equal(embeds[batch["input_ids"] == IMAGE_ID], expected)
+        logits = model(**batch).logits
+    model.save_pretrained(tmp_path)
+    loaded = MiniMindVLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.projector_shuffle == 2 and loaded.config.num_image_tokens == 16
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, logits)

@@ -80,7 +80,7 @@ def load_encoder(vision: str, pretrained: str | None = None) -> VisionEncoder:
 
 
 def build_vlm(init: str, vision: str | None, vision_pretrained: str | None, projector: str,
-              projector_positions: bool = False) -> MiniMindVLM:
+              projector_positions: bool = False, projector_shuffle: int = 1) -> MiniMindVLM:
     """Continue a MiniMind-V folder, or wrap an LM folder with the named encoder and a new projector."""
     config = AutoConfig.from_pretrained(init)
     if isinstance(config, MiniMindVLMConfig):
@@ -94,7 +94,7 @@ def build_vlm(init: str, vision: str | None, vision_pretrained: str | None, proj
     lm = MiniMindForCausalLM.from_pretrained(init)
     return MiniMindVLM.from_lm(lm, load_encoder(vision, vision_pretrained), projector,
                                vision_pretrained=vision_pretrained or (vision if Path(vision).is_dir() else None),
-                               projector_positions=projector_positions)
+                               projector_positions=projector_positions, projector_shuffle=projector_shuffle)
 
 
 # -- data --------------------------------------------------------------------------------------------
@@ -129,6 +129,8 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--projector", choices=PROJECTOR_TYPES, default="linear", help="for a new VLM (default: linear)")
     p.add_argument("--projector-positions", type=int, choices=(0, 1), default=0,
                    help="for a new VLM: 1 adds a learned embedding per patch slot to the projected features")
+    p.add_argument("--projector-shuffle", type=int, default=1,
+                   help="for a new VLM: pixel shuffle factor f; f x f neighbouring patches make one image token")
     p.add_argument("--freeze", choices=POLICIES, help=f"what trains (default: {STAGES[stage]['freeze']})")
     p.add_argument("--images", help="folder the image paths are relative to (default: DATA/images)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: --init)")
@@ -161,7 +163,8 @@ def run_vlm_stage(stage: str, argv: list[str] | None, description: str,
         raise SystemExit("--init is required: an LM checkpoint folder (or a MiniMind-V folder)")
 
     torch.manual_seed(args.seed)
-    model = build_vlm(args.init, args.vision, args.vision_pretrained, args.projector, bool(args.projector_positions))
+    model = build_vlm(args.init, args.vision, args.vision_pretrained, args.projector, bool(args.projector_positions),
+                      args.projector_shuffle)
     tok_dir = Path(args.tokenizer or args.init)
     tokenizer = load_tokenizer(tok_dir)
     data_file = resolve_data_file(args.data, spec["data_file"])

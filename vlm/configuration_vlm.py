@@ -12,8 +12,9 @@ Vision fields:
   for provenance; the weights themselves are stored in the checkpoint (`vision.*` keys);
 - `projector_type` (`linear` / `mlp`) and `projector_positions` (a learned embedding per patch slot
   added to the projected features, see `vlm.projector`);
-- `vision_hidden_size` (D) and `num_image_tokens` (N, patch tokens per image): read from the
-  encoder when the VLM is built; the processor writes N placeholder ids per `<image>`.
+- `projector_shuffle` (f, default 1): pixel shuffle factor; f x f neighbouring patches make one token;
+- `vision_hidden_size` (D): read from the encoder; `num_image_tokens` (N): the encoder's patch count
+  divided by f^2, the image tokens the LM sees; the processor writes N placeholder ids per `<image>`.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ class MiniMindVLMConfig(MiniMindConfig):
         num_image_tokens: int | None = None,
         projector_type: str = "linear",
         projector_positions: bool = False,
+        projector_shuffle: int = 1,
         image_token_id: int = IMAGE_ID,
         **kwargs,
     ):
@@ -49,6 +51,9 @@ class MiniMindVLMConfig(MiniMindConfig):
         self.num_image_tokens = num_image_tokens
         self.projector_type = projector_type
         self.projector_positions = projector_positions
+        if int(projector_shuffle) < 1:
+            raise ValueError(f"projector_shuffle must be >= 1, got {projector_shuffle}")
+        self.projector_shuffle = int(projector_shuffle)
         self.image_token_id = image_token_id
         super().__init__(**kwargs)
 

@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 from .configuration_vlm import MiniMindVLMConfig
 from .generation import fast_generate as lean_generate
 from .modeling_minimind import MiniMindForCausalLM
-from .projector import build_projector
+from .projector import build_projector, shuffled_side
 from .vision import VisionEncoder
 
 
@@ -44,14 +44,16 @@ class MiniMindVLM(MiniMindForCausalLM):
             module._is_hf_initialized = True
         self.vision = vision
         self.projector = build_projector(config.projector_type, config.vision_hidden_size, config.hidden_size,
-                                         positions=config.num_image_tokens if config.projector_positions else 0)
+                                         positions=config.num_image_tokens if config.projector_positions else 0,
+                                         shuffle=config.projector_shuffle)
         self.post_init()
         self.vision.requires_grad_(False)
 
     @staticmethod
     def _describe_vision(config: MiniMindVLMConfig, vision: VisionEncoder) -> None:
         """Record the encoder in the config; a config that disagrees with its encoder is an error."""
-        n, d = vision.num_patches, vision.hidden_size
+        f = config.projector_shuffle
+        n, d = shuffled_side(vision.num_patches, f) ** 2 if f > 1 else vision.num_patches, vision.hidden_size
         for field, value in (("num_image_tokens", n), ("vision_hidden_size", d)):
             saved = getattr(config, field)
             if saved is not None and saved != value:
@@ -65,10 +67,12 @@ class MiniMindVLM(MiniMindForCausalLM):
     # -- construction -----------------------------------------------------------------------------
     @classmethod
     def from_lm(cls, lm: MiniMindForCausalLM, vision: VisionEncoder, projector_type: str = "linear",
-                vision_pretrained: str | None = None, projector_positions: bool = False) -> "MiniMindVLM":
+                vision_pretrained: str | None = None, projector_positions: bool = False,
+                projector_shuffle: int = 1) -> "MiniMindVLM":
         """A VLM around a trained LM (weights copied) and an encoder; only the projector is new."""
         config = MiniMindVLMConfig.from_text_config(lm.config, projector_type=projector_type,
                                                     projector_positions=projector_positions,
+                                                    projector_shuffle=projector_shuffle,
                                                     vision_pretrained=vision_pretrained)
         model = cls(config, vision=vision)
         result = model.load_state_dict(lm.state_dict(), strict=False)
@@ -94,10 +98,12 @@ class MiniMindVLM(MiniMindForCausalLM):
 
     def project_images(self, pixel_values: torch.Tensor | None = None,
                        image_features: torch.Tensor | None = None) -> torch.Tensor:
-        """Projected patch features `[I, N, hidden]` from pixels or from cached encoder features."""
+        """Projected patch features `[I, N, hidden]` from pixels or from cached encoder features
+        (`[I, N * f^2, D]`: the encoder's patches, before the projector's pixel shuffle by f)."""
         if image_features is None:
             image_features = self.get_image_features(pixel_values)
-        n, d = self.config.num_image_tokens, self.config.vision_hidden_size
+        n = self.config.num_image_tokens * self.config.projector_shuffle ** 2
+        d = self.config.vision_hidden_size
         if image_features.dim() != 3 or tuple(image_features.shape[1:]) != (n, d):
             raise ValueError(f"image_features must be [images, {n}, {d}] for {self.config.vision_model_name}, "
                              f"got {list(image_features.shape)} (features of another encoder?)")

@@ -9,6 +9,11 @@ rotary positions only say how far a token is from the text that reads it, and a 
 trained from scratch keeps little of *where* a patch was in its output features: "where is the red
 star?" then has to be read off token order alone (tiny: 0.23 on single objects, where a linear probe
 on the same features gets 1.0).
+
+With `shuffle=f` > 1 the projector first applies a pixel shuffle (space-to-depth, as nanoVLM and
+Idefics3/SmolVLM do): each f x f block of neighbouring patches becomes one token whose feature is
+the block's f*f patch features concatenated, so an image costs N / f^2 LM tokens and nothing the
+encoder saw is dropped. The LM then attends over fewer, richer slots.
 """
 from __future__ import annotations
 
@@ -27,15 +32,43 @@ class AddPositions(nn.Module):
         return x + self.table.to(x.dtype)
 
 
-def build_projector(kind: str, vision_dim: int, text_dim: int, positions: int = 0) -> nn.Module:
+class PixelShuffle(nn.Module):
+    """`[.., N, D] -> [.., N / f^2, D * f^2]`: each f x f block of the square patch grid (row-major)
+    becomes one token, its patches concatenated in row-major order; blocks stay row-major."""
+
+    def __init__(self, factor: int):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        *lead, n, d = x.shape
+        f, side = self.factor, shuffled_side(n, self.factor)
+        x = x.reshape(-1, side, f, side, f, d).permute(0, 1, 3, 2, 4, 5)
+        return x.reshape(*lead, side * side, f * f * d)
+
+
+def shuffled_side(num_patches: int, factor: int) -> int:
+    """Blocks per side after a pixel shuffle by `factor`; an error unless the grid is square and divisible."""
+    grid = round(num_patches ** 0.5)
+    if grid * grid != num_patches or grid % factor:
+        raise ValueError(f"pixel shuffle by {factor} needs a square patch grid whose side divides by {factor}; "
+                         f"the encoder gives {num_patches} patches")
+    return grid // factor
+
+
+def build_projector(kind: str, vision_dim: int, text_dim: int, positions: int = 0, shuffle: int = 1) -> nn.Module:
     """`linear`: Linear(D_v, H, bias=False); `mlp`: Linear(D_v, H) -> GELU -> Linear(H, H);
-    `positions` > 0 appends `AddPositions(positions, H)` (the layers then sit in an nn.Sequential)."""
+    `shuffle` > 1 puts `PixelShuffle(shuffle)` first (input width D_v * shuffle^2); `positions` > 0
+    appends `AddPositions(positions, H)` (the layers then sit in an nn.Sequential)."""
+    width = vision_dim * shuffle * shuffle
     if kind == "linear":
-        layers = [nn.Linear(vision_dim, text_dim, bias=False)]
+        layers = [nn.Linear(width, text_dim, bias=False)]
     elif kind == "mlp":
-        layers = [nn.Linear(vision_dim, text_dim), nn.GELU(), nn.Linear(text_dim, text_dim)]
+        layers = [nn.Linear(width, text_dim), nn.GELU(), nn.Linear(text_dim, text_dim)]
     else:
         raise ValueError(f"unknown projector type {kind!r} (expected 'linear' or 'mlp')")
+    if shuffle > 1:
+        layers.insert(0, PixelShuffle(shuffle))
     if positions:
         layers.append(AddPositions(positions, text_dim))
     return layers[0] if len(layers) == 1 else nn.Sequential(*layers)
