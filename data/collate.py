@@ -50,22 +50,42 @@ def pad_collate(items: list[dict], pad_id: int = 0) -> dict:
 
 
 def pack_collate(items: list[dict], max_len: int, pad_id: int = 0) -> dict:
-    """Pretraining batches without padding waste: concatenate the items and cut rows of max_len.
+    """Batches without padding waste: whole documents packed side by side into rows of `max_len`.
 
-    Documents keep their `<|im_start|>`/`<|im_end|>` borders, so the model sees where one ends; as in
-    GPT-style pretraining, a row may hold parts of several documents that attend to each other. Only
-    the last row can be padded. The number of rows varies with the items' lengths; the number of
-    supervised tokens does not change.
+    Documents are placed first-fit in order (none is split; longer ones must have been truncated to
+    `max_len`). Each row gets `position_ids` that restart at 0 where a document starts: the model
+    reads those restarts as borders and lets a token attend only within its own document, so a packed
+    batch trains exactly what the padded one would (the Hugging Face "padding-free" convention of
+    `DataCollatorWithFlattening`). The first label of each document is dropped: it would be predicted
+    from the end of another document. Only row ends are padded.
     """
     if not items:
         raise ValueError("pack_collate: empty batch")
-    ids = torch.cat([it["input_ids"] for it in items])
-    labels = torch.cat([it.get("labels", it["input_ids"]) for it in items])
-    rows = -(-len(ids) // max_len)
-    width = max_len if rows > 1 else len(ids)
-    out_ids = torch.full((rows * width,), pad_id, dtype=torch.long)
-    out_lab = torch.full((rows * width,), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros(rows * width, dtype=torch.long)
-    out_ids[: len(ids)], out_lab[: len(ids)], mask[: len(ids)] = ids, labels, 1
-    return {"input_ids": out_ids.view(rows, width), "labels": out_lab.view(rows, width),
-            "attention_mask": mask.view(rows, width)}
+    rows: list[list[dict]] = []
+    room: list[int] = []
+    for it in items:
+        n = len(it["input_ids"])
+        if n > max_len:
+            raise ValueError(f"pack_collate: an item of {n} tokens does not fit max_len {max_len}")
+        r = next((r for r, free in enumerate(room) if free >= n), None)
+        if r is None:
+            rows.append([])
+            room.append(max_len)
+            r = len(rows) - 1
+        rows[r].append(it)
+        room[r] -= n
+    width = max(max_len - free for free in room)
+    out_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    out_lab = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for it in row:
+            n = len(it["input_ids"])
+            out_ids[r, at:at + n] = it["input_ids"]
+            out_lab[r, at + 1:at + n] = it.get("labels", it["input_ids"])[1:]
+            positions[r, at:at + n] = torch.arange(n)
+            mask[r, at:at + n] = 1
+            at += n
+    return {"input_ids": out_ids, "labels": out_lab, "attention_mask": mask, "position_ids": positions}

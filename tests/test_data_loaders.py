@@ -171,15 +171,26 @@ def test_dpo_dataset_and_collate(tok, tmp_path):
         assert b[f"{side}_attention_mask"].shape == b[f"{side}_input_ids"].shape == b[f"{side}_labels"].shape
 
 
-def test_pack_collate_keeps_every_target(tok, tmp_path):
+def test_pack_collate_keeps_documents_whole_and_apart(tok, tmp_path):
     texts = ["Hello world.", "Kelxi was born in Merro. " * 3, "Be brief.", "科巴赞是一名歌手。"]
     path = write_jsonl(tmp_path / "p.jsonl", [json.dumps({"text": t}, ensure_ascii=False) for t in texts])
     items = [PretrainDataset(path, tok, 256)[i] for i in range(4)]
-    b = pack_collate(items, max_len=16)
-    total = sum(len(it["input_ids"]) for it in items)
-    assert b["input_ids"].shape[1] == 16 and b["input_ids"].shape[0] == -(-total // 16)
-    assert int(b["attention_mask"].sum()) == total == int((b["labels"] != -100).sum())
-    assert b["input_ids"].flatten()[:total].tolist() == torch.cat([it["input_ids"] for it in items]).tolist()
+    lengths = [len(it["input_ids"]) for it in items]
+    max_len = max(lengths) + 2
+    b = pack_collate(items, max_len=max_len)
+    assert b["input_ids"].shape[1] <= max_len and b["input_ids"].shape[0] < len(items)
+    assert int(b["attention_mask"].sum()) == sum(lengths)
+    # every document is found whole in one row, its positions counting from 0, its first label dropped
+    rows = b["input_ids"].tolist()
+    for it in items:
+        doc = it["input_ids"].tolist()
+        hits = [(r, i) for r, row in enumerate(rows) for i in range(len(row) - len(doc) + 1) if row[i:i + len(doc)] == doc]
+        r, i = hits[0]
+        assert b["position_ids"][r, i:i + len(doc)].tolist() == list(range(len(doc)))
+        assert b["labels"][r, i] == -100 and b["labels"][r, i + 1:i + len(doc)].tolist() == doc[1:]
+    assert int((b["labels"] != -100).sum()) == sum(lengths) - len(items)
+    with pytest.raises(ValueError, match="does not fit"):
+        pack_collate(items, max_len=min(lengths) - 1)
 
 
 # ---------------------------------------------------------------- jsonl index and errors

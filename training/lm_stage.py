@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,7 +24,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def causal_lm_loss(model, batch: dict) -> LossOutput:
     """Summed next-token cross-entropy over supervised (label != -100) positions, plus the MoE aux loss."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                position_ids=batch.get("position_ids"))
     labels = batch["labels"][:, 1:]
     logits = out.logits[:, :-1]
     keep = labels != -100
@@ -41,6 +43,9 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--replay-pretrain", type=float, default=0.0,
                    help="SFT: mix in pretrain documents (DATA/pretrain.jsonl), this many per SFT sample, "
                         "so fine-tuning does not wash out the knowledge learned in pretraining")
+    p.add_argument("--pack", type=int, choices=(0, 1), default=0,
+                   help="1: pack whole samples into rows of --max-len, each attending only to itself "
+                        "(no padding compute; same samples and targets per step as 0)")
     return p
 
 
@@ -107,7 +112,8 @@ def run_lm_stage(stage: str, dataset_cls, data_name: str, argv: list[str] | None
     model = build_model(args, preset, tokenizer)
     dataset = with_pretrain_replay(dataset_cls(data_file, tokenizer, args.max_len), data_file, tokenizer, args)
 
-    from data.collate import pad_collate
+    from data.collate import pack_collate, pad_collate
 
-    trainer = Trainer(model, dataset, pad_collate, causal_lm_loss, config_from_args(args), save_fn=saver(tok_dir))
+    collate = partial(pack_collate, max_len=args.max_len) if args.pack else pad_collate
+    trainer = Trainer(model, dataset, collate, causal_lm_loss, config_from_args(args), save_fn=saver(tok_dir))
     return trainer.train()

@@ -12,7 +12,7 @@ class MiniMindConfig(PretrainedConfig):
     """
 
     model_type = "minimind"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     def __init__(
         self,

@@ -291,9 +291,13 @@ class MiniMindModel(MiniMindPreTrainedModel):
         return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
     @staticmethod
-    def attention_mask_4d(attention_mask: torch.Tensor | None, q_len: int, past: int, device) -> torch.Tensor | None:
-        """Boolean [B, 1, q, k] mask (True = attend), or None when plain causal attention suffices."""
-        if attention_mask is None or bool(attention_mask.all()):
+    def attention_mask_4d(attention_mask: torch.Tensor | None, q_len: int, past: int, device,
+                          documents: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Boolean [B, 1, q, k] mask (True = attend), or None when plain causal attention suffices.
+
+        `documents` [B, q] (packed rows, no cache): a document number per token; tokens attend only
+        within their own document."""
+        if documents is None and (attention_mask is None or bool(attention_mask.all())):
             if past == 0 or q_len == 1:
                 return None  # SDPA's is_causal (or attend-to-all for a single new token)
             attention_mask = None
@@ -301,11 +305,22 @@ class MiniMindModel(MiniMindPreTrainedModel):
         q_pos = torch.arange(past, k_len, device=device)[:, None]
         k_pos = torch.arange(k_len, device=device)[None, :]
         allowed = (k_pos <= q_pos)[None, None]  # [1, 1, q, k] causal
+        if documents is not None:
+            allowed = allowed & (documents[:, None, :, None] == documents[:, None, None, :])
         if attention_mask is None:
             return allowed
         keys = attention_mask[:, -k_len:].bool()[:, None, None, :]
         # The diagonal stays allowed so that a padding query never has an all-masked (NaN) row.
         return (allowed & keys) | (k_pos == q_pos)[None, None]
+
+    @staticmethod
+    def packed_documents(position_ids: torch.Tensor) -> torch.Tensor | None:
+        """Document numbers [B, T] of packed rows (position ids restart at 0 where a document starts),
+        or None when no row holds more than one document."""
+        starts = position_ids == 0
+        if not bool(starts[:, 1:].any()):
+            return None
+        return starts.long().cumsum(-1)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None):
@@ -316,6 +331,9 @@ class MiniMindModel(MiniMindPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        documents = None
+        if position_ids is not None and past == 0 and t > 1:
+            documents = self.packed_documents(position_ids)
         if position_ids is None:
             if attention_mask is not None and not bool(attention_mask.all()):
                 # Left padding: positions count real tokens only, so a padded prompt equals an unpadded one.
@@ -324,7 +342,7 @@ class MiniMindModel(MiniMindPreTrainedModel):
                 position_ids = torch.arange(past, past + t, device=x.device)[None].expand(b, -1)
         cos, sin = self.rotary(position_ids, x.dtype if not torch.is_autocast_enabled(x.device.type)
                                else torch.get_autocast_dtype(x.device.type))
-        mask = self.attention_mask_4d(attention_mask, t, past, x.device)
+        mask = self.attention_mask_4d(attention_mask, t, past, x.device, documents)
         x = self.dropout(x)
         aux_total = None
         for layer in self.layers:
@@ -364,6 +382,8 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast:
+        if past_key_values is None:  # transformers >= 5.24 passes the cache as `cache`
+            past_key_values = kwargs.pop("cache", None)
         hidden, cache, aux = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
