@@ -352,6 +352,10 @@ class MiniMindModel(MiniMindPreTrainedModel):
         return self.norm(x), past_key_values, aux_total
 
 
+# transformers >= 5.24 names the output's KV cache `cache` (the old `past_key_values` still works, with a warning)
+_CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -395,5 +399,5 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
             if aux is not None:
                 loss = loss + aux
-        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux, logits=logits,
-                                         past_key_values=cache if use_cache or past_key_values is not None else None)
+        cache = cache if use_cache or past_key_values is not None else None
+        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux, logits=logits, **{_CACHE_FIELD: cache})
