@@ -43,9 +43,6 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--replay-pretrain", type=float, default=0.0,
                    help="SFT: mix in pretrain documents (DATA/pretrain.jsonl), this many per SFT sample, "
                         "so fine-tuning does not wash out the knowledge learned in pretraining")
-    p.add_argument("--pack", type=int, choices=(0, 1), default=0,
-                   help="1: pack whole samples into rows of --max-len, each attending only to itself "
-                        "(no padding compute; same samples and targets per step as 0)")
     return p
 
 
@@ -104,6 +101,9 @@ def with_pretrain_replay(dataset, data_file: Path, tokenizer, args):
 
 def run_lm_stage(stage: str, dataset_cls, data_name: str, argv: list[str] | None, description: str) -> dict:
     parser = build_parser(stage, description)
+    parser.add_argument("--pack", type=int, choices=(0, 1), default=0,
+                        help="1: pack whole samples into rows of --max-len, each attending only to itself "
+                             "(no padding compute; the same samples and targets per step as 0)")
     args, preset = parse_with_preset(parser, stage, argv)
     data_file = resolve_data_file(args.data, data_name)
     tok_dir = Path(args.tokenizer or args.init or Path(args.data if Path(args.data).is_dir() else data_file.parent) / "tokenizer")
