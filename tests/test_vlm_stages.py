@@ -72,12 +72,14 @@ def test_pretrain_then_sft_respect_their_freeze_policies(setup, tmp_path):
     assert (tmp_path / "sft" / "vqa.json").is_file() and (tmp_path / "sft" / "processor_config.json").is_file()
 
 
-def test_sft_with_several_questions_per_image(setup, tmp_path):
+def test_sft_with_several_questions_per_image_and_pixel_shuffle(setup, tmp_path):
     root, world = setup
     common = ["--data", str(world), "--preset", "micro", "--max-steps", "2", "--batch-size", "4", "--device", "cpu",
               "--dtype", "fp32"]
     pretrain_vlm.main([*common, "--feature-cache", str(tmp_path / "cache"), "--init", str(root / "lm"),
-                       "--out", str(tmp_path / "pre"), "--vision", "minimind-clip-tiny"])
+                       "--out", str(tmp_path / "pre"), "--vision", "minimind-clip-tiny", "--projector-shuffle", "2"])
+    # the cache holds the encoder's 64 patches per image; the LM sees 16 shuffled tokens
+    assert MiniMindVLM.from_pretrained(tmp_path / "pre").config.num_image_tokens == 16
     # the grouped copy lives in OUT: images, feature cache and eval questions must still come from DATA
     summary = sft_vlm.main([*common, "--init", str(tmp_path / "pre"), "--out", str(tmp_path / "sft"),
                             "--eval-n", "4", "--turns-per-image", "4"])
