@@ -64,12 +64,12 @@ def decode_weights(model: MiniMindForCausalLM) -> list[torch.Tensor | None]:
             attn, mlp = layer.self_attn, layer.mlp
             dense = isinstance(mlp, FeedForward)
             g1, g2 = layer.input_layernorm.weight[:, None] * root, layer.post_attention_layernorm.weight * root
-            weights += [torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).t() * g1,
+            weights += [(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).t() * g1).contiguous(),
                         attn.o_proj.weight.t().contiguous(),
-                        torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t() * g2[:, None] if dense else None,
+                        (torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t() * g2[:, None]).contiguous() if dense else None,
                         mlp.down_proj.weight.t().contiguous() if dense else None,
                         None if dense else g2]
-        weights.append(model.lm_head.weight.t() * (model.model.norm.weight[:, None] * root))
+        weights.append((model.lm_head.weight.t() * (model.model.norm.weight[:, None] * root)).contiguous())
     model.__dict__["_decode_weights"] = (key, weights)  # a plain attribute: never saved, never moved
     return weights
 
