@@ -331,20 +331,27 @@ def _kinds(n: int, rng: random.Random) -> list[str]:
     return kinds
 
 
-def write_scene_splits(out_dir: str | Path, seed: int = 0, scale: str = "tiny") -> dict:
-    """Render the train and eval scenes of `scale` into `out_dir`; returns the summary (also scenes.json)."""
+def write_scene_splits(out_dir: str | Path, seed: int = 0, scale: str = "tiny", images: bool = True) -> dict:
+    """Render the train and eval scenes of `scale` into `out_dir`; returns the summary (also scenes.json).
+
+    `images=False` writes only the text (captions, questions; identical either way, as the scenes
+    come from seeded generators and `render` is deterministic): the tokenizer and the LM stages need
+    the words, and rendering is most of the synthetic world's cost (tiny: ~25 s of ~32 s). A second
+    call with `images=True` adds the pictures, which only the vision stages read."""
     if scale not in SCALES:
         raise ValueError(f"unknown scene scale {scale!r}; choose one of {sorted(SCALES)}")
     spec, out = SCALES[scale], Path(out_dir)
     clip_rows, pre_rows, sft_rows, vqa_rows, cap_rows = [], [], [], [], []
     for split in ("train", "eval", "clip"):
         rng = random.Random(f"scenes-{seed}-{split}")  # str seeds are hashed stably across runs
-        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+        if images:
+            (out / "images" / split).mkdir(parents=True, exist_ok=True)
         for i, kind in enumerate(_kinds(spec[split], rng)):
             force = split == "eval" and kind in ("single", "pair", "count") and rng.random() < EVAL_UNSEEN_RATE
             scene = sample_scene(rng, "eval" if split == "eval" else "train", kind, force_unseen=force)
             image = f"{split}/{i:06d}.png"
-            render(scene, spec["size"]).save(out / "images" / image, optimize=False)
+            if images:
+                render(scene, spec["size"]).save(out / "images" / image, optimize=False)
             en, zh = caption(scene, "en"), caption(scene, "zh")
             if split != "eval":
                 clip_rows += [{"image": image, "caption": en, "lang": "en"}, {"image": image, "caption": zh, "lang": "zh"}]
@@ -378,13 +385,15 @@ def write_scene_splits(out_dir: str | Path, seed: int = 0, scale: str = "tiny") 
     _write_jsonl(out / "eval" / "vqa.jsonl", vqa_rows)
     _write_jsonl(out / "eval" / "captions.jsonl", cap_rows)
     summary = {
-        "scale": scale, "seed": seed, "image_size": spec["size"], "image_root": "images",
+        "scale": scale, "seed": seed, "images_rendered": images, "image_size": spec["size"], "image_root": "images",
         "train_images": spec["train"], "eval_images": spec["eval"], "clip_only_images": spec["clip"],
         "clip_pretrain": len(clip_rows), "vlm_pretrain": len(pre_rows), "vlm_sft": len(sft_rows),
         "eval_vqa": len(vqa_rows), "eval_vqa_unseen_combo": sum(r["unseen_combo"] for r in vqa_rows),
         "held_out_pairs": sorted(f"{c}+{s}" for c, s in HELD_OUT_PAIRS),
     }
     (out / "scenes.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if images:  # written last: proves that every image is on disk (the pipeline's marker)
+        (out / "images" / "rendered.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 
 
@@ -395,5 +404,6 @@ if __name__ == "__main__":  # standalone use; `python -m data.synth` calls write
     parser.add_argument("--out", required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", default="tiny", choices=sorted(SCALES))
+    parser.add_argument("--no-images", action="store_true", help="captions and questions only, no rendering")
     cli = parser.parse_args()
-    print(json.dumps(write_scene_splits(cli.out, cli.seed, cli.scale), indent=2))
+    print(json.dumps(write_scene_splits(cli.out, cli.seed, cli.scale, images=not cli.no_images), indent=2))

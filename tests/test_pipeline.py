@@ -54,5 +54,5 @@ def test_rerun_skips_finished_stages(micro_run, capsys):
     out, _ = micro_run
     pipeline_main(["--preset", "micro", "--out", str(out)])
     log = capsys.readouterr().out
-    for stage in ("synth", "tokenizer", "pretrain", "sft", "evaluate", "clip", "pretrain_vlm", "sft_vlm", "posttrain"):
+    for stage in ("synth", "tokenizer", "pretrain", "sft", "evaluate", "scene_images", "clip", "pretrain_vlm", "sft_vlm", "posttrain"):
         assert f"[pipeline] {stage}: already done" in log

@@ -32,6 +32,18 @@ def test_same_seed_same_bytes_other_seed_differs(micro, tmp_path):
     assert (out / "vlm_sft.jsonl").read_bytes() != (tmp_path / "other" / "vlm_sft.jsonl").read_bytes()
 
 
+def test_text_only_scenes_write_the_same_texts_and_no_images(micro, tmp_path):
+    out, summary = micro
+    text_only = write_scene_splits(tmp_path / "text", seed=3, scale="micro", images=False)
+    assert {k: v for k, v in text_only.items() if k != "images_rendered"} == \
+        {k: v for k, v in summary.items() if k != "images_rendered"}
+    assert not (tmp_path / "text" / "images").exists() and (out / "images" / "rendered.json").is_file()
+    for rel in ["clip_pretrain.jsonl", "vlm_pretrain.jsonl", "vlm_sft.jsonl", "eval/vqa.jsonl", "eval/captions.jsonl"]:
+        assert (out / rel).read_bytes() == (tmp_path / "text" / rel).read_bytes(), rel
+    write_scene_splits(tmp_path / "text", seed=3, scale="micro")  # the pictures, later, for the same texts
+    assert (out / "images/eval/000007.png").read_bytes() == (tmp_path / "text/images/eval/000007.png").read_bytes()
+
+
 def test_files_follow_minimind_v_format(micro):
     out, summary = micro
     assert summary["train_images"] == 48 and summary["eval_images"] == 30

@@ -1,7 +1,7 @@
 """Every stage in order: `python -m training.pipeline --preset {micro,tiny,small} --out DIR`.
 
-lm:   synth (world + scenes + post-training data) -> tokenizer -> pretrain -> sft -> evaluate
-vlm:  clip (from-scratch CLIP on the scenes) -> pretrain_vlm -> sft_vlm -> VQA evaluation
+lm:   synth (world + scene texts + post-training data) -> tokenizer -> pretrain -> sft -> evaluate
+vlm:  scene images -> clip (from-scratch CLIP on the scenes) -> pretrain_vlm -> sft_vlm -> VQA evaluation
 post: LoRA, DPO, distillation, reasoning distillation, GRPO (each measured on held-out data)
 
 Each stage writes its own sub-folder of DIR; DIR/report.json holds flat metric names and stage wall
@@ -34,9 +34,13 @@ def build_steps(out: Path, preset_name: str, seed: int, extra: list[str],
     world, tok, scenes = out / "world", out / "world" / "tokenizer", out / "world" / "scenes"
     common = ["--preset", preset_name, "--seed", str(seed), *extra]
 
-    def synth():  # every part before the tokenizer, so that its vocabulary covers every stage's text
+    def synth():  # every part's text before the tokenizer, so that its vocabulary covers every stage
         from data.synth.__main__ import main as synth_main
-        synth_main(["--out", str(world), "--seed", str(seed), "--scale", preset["synth_scale"]])
+        synth_main(["--out", str(world), "--seed", str(seed), "--scale", preset["synth_scale"], "--no-images"])
+
+    def scene_images():  # only the vision stages look at pictures
+        from data.scenes import write_scene_splits
+        write_scene_splits(scenes, seed=seed, scale=preset["synth_scale"], images=True)
 
     def tokenizer():
         from training.train_tokenizer import main as tok_main
@@ -88,7 +92,8 @@ def build_steps(out: Path, preset_name: str, seed: int, extra: list[str],
                ("pretrain", "pretrain/model.safetensors", pretrain),
                ("sft", "sft/model.safetensors", sft),
                ("evaluate", "eval.json", evaluate)],
-        "vlm": [("clip", "clip/retrieval.json", clip),
+        "vlm": [("scene_images", "world/scenes/images/rendered.json", scene_images),
+                ("clip", "clip/retrieval.json", clip),
                 ("pretrain_vlm", "vlm_pretrain/model.safetensors", pretrain_vlm),
                 ("sft_vlm", "vlm_sft/vqa.json", sft_vlm)],
         "post": [("posttrain", "post/posttrain.json", posttrain)],
