@@ -121,3 +121,12 @@ def test_training_the_policy_learns_the_preference_on_heldout_pairs(world):
     assert after["loss"] < before["loss"], after
     on_loops = preference_metrics(pol_lp[looping], ref_lp[looping], beta=0.1)
     assert on_loops["pref_acc"] >= 0.9, on_loops
+
+
+def test_likelihood_accuracy_ranks_the_policy_itself_while_pref_acc_ranks_its_change():
+    ref = torch.tensor([[-1.0, -3.0], [-2.0, -1.0], [-5.0, -4.0]])
+    policy = torch.tensor([[-1.0, -3.0], [-1.5, -1.2], [-4.0, -4.5]])  # 1: unchanged; 2, 3: chosen pushed up
+    m = preference_metrics(policy, ref, beta=0.1)
+    assert m["likelihood_acc"] == pytest.approx(2 / 3)  # rows 1 and 3 rank chosen higher
+    assert m["pref_acc"] == pytest.approx(2 / 3)  # rows 2 and 3 gained; row 1 has a zero margin
+    assert preference_metrics(ref, ref, beta=0.1)["pref_acc"] == 0.0

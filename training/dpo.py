@@ -126,10 +126,15 @@ def make_dpo_loss(beta: float, label_smoothing: float = 0.0, rpo_alpha: float = 
 
 
 def preference_metrics(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> dict[str, float]:
-    """Held-out preference accuracy (implicit reward of chosen > rejected), margin and loss."""
+    """Held-out preference accuracy (implicit reward of chosen > rejected, TRL's `rewards/accuracies`),
+    margin and loss; plus `likelihood_acc`, how often the policy itself gives the chosen answer the
+    higher log-likelihood. The first measures what DPO changed, the second what the model prefers:
+    on a fact the SFT model already knows, DPO has little left to change, so the implicit reward
+    can sit near chance while the likelihood ranking is right."""
     rc, rr = beta * (policy_logps[:, 0] - ref_logps[:, 0]), beta * (policy_logps[:, 1] - ref_logps[:, 1])
     losses, _, _ = dpo_loss(policy_logps[:, 0], policy_logps[:, 1], ref_logps[:, 0], ref_logps[:, 1], beta)
     return {"pref_acc": (rc > rr).float().mean().item(), "reward_margin": (rc - rr).mean().item(),
+            "likelihood_acc": (policy_logps[:, 0] > policy_logps[:, 1]).float().mean().item(),
             "loss": losses.mean().item(), "ln2": math.log(2)}
 
 
