@@ -6,7 +6,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, TextIteratorStreamer
 
 import vlm
-from vlm.generation import fast_generate, sample_next
+from vlm.generation import decode_weights, fast_generate, sample_next
 
 VOCAB = 320
 
@@ -30,6 +30,16 @@ def test_kv_cache_greedy_equals_no_cache(moe):
     assert torch.equal(cached.sequences, uncached.sequences)
     for a, b in zip(cached.logits, uncached.logits):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_decode_weights_are_stored_in_one_row_gemm_layout():
+    """[in, out] and contiguous: a transposed view with the norm gain folded in keeps [out, in]
+    strides, which made every decode GEMV ~2.4x slower (bench/README.md)."""
+    model = tiny()
+    weights = [w for w in decode_weights(model) if w is not None and w.ndim == 2]
+    assert len(weights) == 4 * 2 + 1 and all(w.is_contiguous() for w in weights)
+    assert weights[0].shape == (64, 64 + 2 * 2 * 16)  # q/k/v fused: hidden in, q + k + v heads out
+    assert weights[-1].shape == (64, VOCAB)
 
 
 @pytest.mark.parametrize("moe", [False, True])
