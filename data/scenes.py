@@ -336,7 +336,7 @@ def write_scene_splits(out_dir: str | Path, seed: int = 0, scale: str = "tiny", 
 
     `images=False` writes only the text (captions, questions; identical either way, as the scenes
     come from seeded generators and `render` is deterministic): the tokenizer and the LM stages need
-    the words, and rendering is most of the synthetic world's cost (tiny: ~25 s of ~32 s). A second
+    the words, and rendering is most of the synthetic world's cost (tiny: 29 of 32 s). A second
     call with `images=True` adds the pictures, which only the vision stages read."""
     if scale not in SCALES:
         raise ValueError(f"unknown scene scale {scale!r}; choose one of {sorted(SCALES)}")
