@@ -161,3 +161,21 @@ def test_chinese_name_characters_never_occur_in_fixed_text():
 
     fixed = json.dumps([getattr(language, k) for k in dir(language) if k.isupper()] + [KINDS], ensure_ascii=False)
     assert not {zh for _, zh in SYLLABLES} & set(fixed)
+
+
+def test_pretrain_draws_are_fresh_versions_of_the_corpus():
+    from dataclasses import replace
+
+    from data.synth.world import build_world
+    from data.synth.writers import pretrain
+
+    one = SCALES["micro"]
+    world = build_world(5, "micro", one)
+    single = pretrain.write(world, one, 5)["pretrain.jsonl"]
+    triple = pretrain.write(world, replace(one, pretrain_draws=3), 5)["pretrain.jsonl"]
+    assert len(triple) == 3 * len(single)
+    assert triple[:len(single)] == single  # the first draw is the one-draw corpus
+    texts = [d["text"] for d in triple]
+    draws = [set(texts[i * len(single):(i + 1) * len(single)]) for i in range(3)]
+    # later draws are new phrasings and passages, not copies of the first
+    assert len(draws[1] - draws[0]) > len(single) // 2 and len(draws[2] - draws[1]) > len(single) // 2

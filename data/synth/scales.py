@@ -21,6 +21,10 @@ class Scale:
     dpo_eval: int
     lm_heldout: int  # held-out documents per language (perplexity)
     qa_templates: int = 2  # question phrasings per training fact and language (in SFT, and as pretrain text)
+    # independent draws of the pretraining corpus (fresh phrasings, passages and QA groupings each time):
+    # a pretrain run that would see the corpus k times sees k different versions of it instead
+    pretrain_draws: int = 1
+    sft_draws: int = 1  # the same for the instructions (fresh passages, phrasings and system prompts)
 
 
 SCALES: dict[str, Scale] = {
@@ -29,7 +33,7 @@ SCALES: dict[str, Scale] = {
                    lm_heldout=5, qa_templates=1),
     "tiny": Scale(persons=100, companies=20, docs_per_entity=10, closed_eval_frac=0.5, context_names=(3000, 100),
                   context_train=2500, context_pretrain=1500, context_eval=100, multi_turn=200, describe=60, dpo_train=500, dpo_eval=50,
-                  lm_heldout=100),
+                  lm_heldout=100, pretrain_draws=11, sft_draws=3),
     "small": Scale(persons=1000, companies=200, docs_per_entity=12, closed_eval_frac=0.3, context_names=(3000, 500),
                    context_train=10000, context_pretrain=5000, context_eval=500, multi_turn=1500, describe=500, dpo_train=5000,
                    dpo_eval=250, lm_heldout=500),

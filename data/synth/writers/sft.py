@@ -53,12 +53,17 @@ def describe(world: World, lang: str, rng: random.Random) -> list[dict]:
     return with_system([user(ask), assistant(document(e, lang, rng))], lang, rng)
 
 
-def write(world: World, scale: Scale, seed: int) -> dict[str, list[dict]]:
-    rng = random.Random(f"sft-{seed}")
+def one_draw(world: World, scale: Scale, rng: random.Random) -> list[list[dict]]:
     convs = closed_qa(world, scale, rng)
     for lang in LANGS:
         convs += [context_qa(world, lang, rng) for _ in range(scale.context_train)]
         convs += [multi_turn(world, lang, rng) for _ in range(scale.multi_turn)]
         if world.fully_trained:
             convs += [describe(world, lang, rng) for _ in range(scale.describe)]
+    return convs
+
+
+def write(world: World, scale: Scale, seed: int) -> dict[str, list[dict]]:
+    rng = random.Random(f"sft-{seed}")
+    convs = [c for _ in range(scale.sft_draws) for c in one_draw(world, scale, rng)]
     return {"sft.jsonl": [{"conversations": c} for c in convs]}
