@@ -163,19 +163,21 @@ def test_chinese_name_characters_never_occur_in_fixed_text():
     assert not {zh for _, zh in SYLLABLES} & set(fixed)
 
 
-def test_pretrain_draws_are_fresh_versions_of_the_corpus():
+@pytest.mark.parametrize("part, field", [("pretrain", "pretrain_draws"), ("sft", "sft_draws")])
+def test_draws_are_fresh_versions_of_the_corpus(part, field):
     from dataclasses import replace
+    from importlib import import_module
 
     from data.synth.world import build_world
-    from data.synth.writers import pretrain
 
+    writer = import_module(f"data.synth.writers.{part}")
     one = SCALES["micro"]
     world = build_world(5, "micro", one)
-    single = pretrain.write(world, one, 5)["pretrain.jsonl"]
-    triple = pretrain.write(world, replace(one, pretrain_draws=3), 5)["pretrain.jsonl"]
+    single = writer.write(world, one, 5)[f"{part}.jsonl"]
+    triple = writer.write(world, replace(one, **{field: 3}), 5)[f"{part}.jsonl"]
     assert len(triple) == 3 * len(single)
     assert triple[:len(single)] == single  # the first draw is the one-draw corpus
-    texts = [d["text"] for d in triple]
+    texts = [json.dumps(d, ensure_ascii=False) for d in triple]
     draws = [set(texts[i * len(single):(i + 1) * len(single)]) for i in range(3)]
     # later draws are new phrasings and passages, not copies of the first
     assert len(draws[1] - draws[0]) > len(single) // 2 and len(draws[2] - draws[1]) > len(single) // 2
