@@ -251,3 +251,31 @@ def test_packed_rows_train_exactly_like_padded_ones():
     assert losses[0][1] == losses[1][1] == sum(len(it["input_ids"]) - 1 for it in items)
     assert abs(losses[0][0] - losses[1][0]) < 1e-9
     assert torch.allclose(grads[0], grads[1], atol=1e-10)
+
+
+def test_lm_loss_on_supervised_positions_equals_full_logits_loss():
+    """`causal_lm_loss` runs the LM head on supervised positions only; its loss and gradients equal
+    the model's own full-logits `labels=` loss (HF mean over the same positions) when most labels
+    are masked, as in SFT."""
+    from training.lm_stage import causal_lm_loss
+
+    model = tiny(dropout=0.0).double()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB, (3, 16), generator=g)
+    labels = ids.clone()
+    labels[:, :10] = -100  # the prompt
+    labels[1, 12:] = -100
+    batch = {"input_ids": ids, "labels": labels}
+    results = []
+    for full in (True, False):
+        model.zero_grad()
+        if full:
+            loss = model(input_ids=ids, labels=labels).loss
+        else:
+            out = causal_lm_loss(model, batch)
+            loss = out.loss_sum / out.count
+            assert out.count == int((labels[:, 1:] != -100).sum())
+        loss.backward()
+        results.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    assert abs(results[0][0] - results[1][0]) < 1e-12
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-12)

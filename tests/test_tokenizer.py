@@ -69,3 +69,17 @@ def test_a_word_has_the_same_ids_wherever_it_stands(tok_dir):
     sentence, town = ids("蓝色的狐狸住在琥珀镇。"), ids("琥珀镇")
     assert any(sentence[i:i + len(town)] == town for i in range(len(sentence)))
     assert len(town) == 3  # one id per character (each one is in the training text)
+
+
+def test_per_file_cap_reads_the_head_of_every_file(tmp_path):
+    """`max_chars_per_file` stops inside a long file and still reads the next one (a global cap
+    would never reach it); a malformed later line of a capped file is never read."""
+    from training.train_tokenizer import iter_texts
+
+    long, short = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    long.write_text("".join(json.dumps({"text": f"doc{i:03d}"}) + "\n" for i in range(100)) + "not json\n")
+    short.write_text(json.dumps({"conversations": [{"role": "user", "content": "hi"},
+                                                    {"role": "assistant", "content": "yo"}]}) + "\n")
+    texts = list(iter_texts([long, short], max_chars_per_file=20))
+    assert texts == ["doc000", "doc001", "doc002", "doc003", "hi", "yo"]
+    assert list(iter_texts([long, short], max_chars=20))[-1] == "doc003"

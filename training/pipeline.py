@@ -44,7 +44,9 @@ def build_steps(out: Path, preset_name: str, seed: int, extra: list[str],
 
     def tokenizer():
         from training.train_tokenizer import main as tok_main
-        tok_main(["--data", str(world), "--out", str(tok), "--vocab-size", str(preset["vocab_size"])])
+        per_file = preset.get("tokenizer_chars_per_file")
+        tok_main(["--data", str(world), "--out", str(tok), "--vocab-size", str(preset["vocab_size"]),
+                  *(["--max-chars-per-file", str(per_file)] if per_file else [])])
 
     def pretrain():
         from training.pretrain import main as pretrain_main

@@ -16,12 +16,19 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from vlm.tokenizer import BOS_TOKEN, CHAT_TEMPLATE, EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN, SPECIAL_TOKENS, TAG_TOKENS
 
 
-def iter_texts(files: Iterable[Path], max_chars: int | None = None) -> Iterator[str]:
-    """Yield training text from pretrain (`text`) and chat (`conversations`/`chosen`) jsonl files."""
+def iter_texts(files: Iterable[Path], max_chars: int | None = None,
+               max_chars_per_file: int | None = None) -> Iterator[str]:
+    """Yield training text from pretrain (`text`) and chat (`conversations`/`chosen`) jsonl files.
+
+    `max_chars` stops after that much text in all; `max_chars_per_file` reads only the head of each
+    file, so that every file (every stage's vocabulary) is still represented."""
     seen = 0
     for f in files:
+        file_start = seen
         with open(f, encoding="utf-8") as fh:
             for line in fh:
+                if max_chars_per_file is not None and seen - file_start >= max_chars_per_file:
+                    break
                 if not line.strip():
                     continue
                 rec = json.loads(line)
@@ -93,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--vocab-size", type=int, default=6400)
     p.add_argument("--max-chars", type=int, default=None, help="stop reading after this many characters")
+    p.add_argument("--max-chars-per-file", type=int, default=None,
+                   help="read only this many characters of each file (a corpus of repeated draws needs one)")
     args = p.parse_args(argv)
     data = Path(args.data)
     files = sorted(data.rglob("*.jsonl")) if data.is_dir() else [data]
@@ -101,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
              and not (data.is_dir() and {"eval", "test"} & set(f.relative_to(data).parts[:-1]))]
     if not files:
         raise SystemExit(f"{data}: no training *.jsonl files")
-    out = train_tokenizer(iter_texts(files, args.max_chars), args.out, args.vocab_size)
+    out = train_tokenizer(iter_texts(files, args.max_chars, args.max_chars_per_file), args.out, args.vocab_size)
     print(f"tokenizer written to {out}")
 
 
