@@ -191,6 +191,10 @@ def test_pack_collate_keeps_documents_whole_and_apart(tok, tmp_path):
     assert int((b["labels"] != -100).sum()) == sum(lengths) - len(items)
     with pytest.raises(ValueError, match="does not fit"):
         pack_collate(items, max_len=min(lengths) - 1)
+    # narrow rows: as wide as the longest document, more of them, the same tokens and targets
+    narrow = pack_collate(items, max_len=256, row_len=1)
+    assert narrow["input_ids"].shape[1] == max(lengths) and narrow["input_ids"].shape[0] > b["input_ids"].shape[0]
+    assert sorted(narrow["labels"][narrow["labels"] != -100].tolist()) == sorted(b["labels"][b["labels"] != -100].tolist())
 
 
 # ---------------------------------------------------------------- jsonl index and errors

@@ -104,6 +104,9 @@ def run_lm_stage(stage: str, dataset_cls, data_name: str, argv: list[str] | None
     parser.add_argument("--pack", type=int, choices=(0, 1), default=0,
                         help="1: pack whole samples into rows of --max-len, each attending only to itself "
                              "(no padding compute; the same samples and targets per step as 0)")
+    parser.add_argument("--pack-len", type=int, default=None,
+                        help="with --pack 1: rows of this many tokens instead of --max-len (never narrower than "
+                             "the longest sample); short samples train faster in short rows")
     args, preset = parse_with_preset(parser, stage, argv)
     data_file = resolve_data_file(args.data, data_name)
     tok_dir = Path(args.tokenizer or args.init or Path(args.data if Path(args.data).is_dir() else data_file.parent) / "tokenizer")
@@ -114,6 +117,6 @@ def run_lm_stage(stage: str, dataset_cls, data_name: str, argv: list[str] | None
 
     from data.collate import pack_collate, pad_collate
 
-    collate = partial(pack_collate, max_len=args.max_len) if args.pack else pad_collate
+    collate = partial(pack_collate, max_len=args.max_len, row_len=args.pack_len) if args.pack else pad_collate
     trainer = Trainer(model, dataset, collate, causal_lm_loss, config_from_args(args), save_fn=saver(tok_dir))
     return trainer.train()
