@@ -22,6 +22,8 @@ def run(tmp_path_factory):
     train, held = verifiable(random.Random(1), 400), verifiable(random.Random(2), 16)
     with open(world / "sft.jsonl", "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(_chat(v["lang"], v["question"], v["answer"]), ensure_ascii=False) + "\n" for v in train)
+    with open(world / "pretrain.jsonl", "w", encoding="utf-8") as fh:  # replayed by LoRA and distillation
+        fh.writelines(json.dumps({"text": f"{v['question']} {v['answer']}"}, ensure_ascii=False) + "\n" for v in train)
     for name, part in (("context_qa", held[:8]), ("closed_qa", held[8:])):
         with open(world / "eval" / f"{name}.jsonl", "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(_item(v["lang"], v["question"], v["answer"]), ensure_ascii=False) + "\n" for v in part)

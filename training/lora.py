@@ -1,8 +1,8 @@
 """LoRA fine-tuning: `python -m training.lora --data WORLD_DIR --init SFT_DIR --out DIR [--rank 8 --alpha 16]`.
 
 Teaches a new domain (WORLD_DIR/posttrain/lora_train.jsonl, SFT format) to a frozen base: only the
-adapter trains (`vlm.lora`), a little base-domain SFT data is replayed (`--replay`) so the adapter
-does not overwrite what the base knew. The output folder is an adapter folder (peft format:
+adapter trains (`vlm.lora`), a little base-domain SFT data (`--replay`) and pretrain documents
+(`--replay-pretrain`) are replayed so the adapter does not overwrite what the base knew. The output folder is an adapter folder (peft format:
 `adapter_model.safetensors` + `adapter_config.json`) plus the tokenizer; `--merged-out DIR` also
 writes a plain full model with the adapter folded in.
 """
@@ -64,7 +64,7 @@ def load_with_adapter(base_dir: str | Path, adapter_dir: str | Path, adapter_nam
 def main(argv: list[str] | None = None) -> dict:
     from data.datasets import SFTDataset
     from training.cli import config_from_args
-    from training.lm_stage import build_parser, causal_lm_loss
+    from training.lm_stage import build_parser, causal_lm_loss, with_pretrain_replay
     from training.posttrain_pipeline import copy_tokenizer, load_init, parse_stage, posttrain_file
 
     p = build_parser("lora", __doc__.splitlines()[0])
@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.replay and base_sft.is_file():
         total = args.max_steps * args.batch_size * args.grad_accum if args.max_steps else None
         dataset = with_replay(dataset, SFTDataset(base_sft, tokenizer, args.max_len), args.replay, total, args.seed)
+    # The base SFT data restates only the facts it asks about; the rest live in the pretrain documents.
+    dataset = with_pretrain_replay(dataset, base_sft, tokenizer, args)
     from data.collate import pad_collate
 
     trainer = Trainer(model, dataset, pad_collate, causal_lm_loss, config_from_args(args),
