@@ -2,9 +2,9 @@
 
 Teaches a new domain (WORLD_DIR/posttrain/lora_train.jsonl, SFT format) to a frozen base: only the
 adapter trains (`vlm.lora`), a little base-domain SFT data (`--replay`) and pretrain documents
-(`--replay-pretrain`) are replayed so the adapter does not overwrite what the base knew. The output folder is an adapter folder (peft format:
-`adapter_model.safetensors` + `adapter_config.json`) plus the tokenizer; `--merged-out DIR` also
-writes a plain full model with the adapter folded in.
+(`--replay-pretrain`) are replayed so the adapter does not overwrite what the base knew. The output
+folder is an adapter folder (peft format: `adapter_model.safetensors` + `adapter_config.json`) plus
+the tokenizer; `--merged-out DIR` also writes a plain full model with the adapter folded in.
 """
 from __future__ import annotations
 
