@@ -63,3 +63,17 @@ def test_outputs_are_loadable_folders(run):
         for name in ("config.json", "model.safetensors", "tokenizer.json"):
             assert (post / stage / name).is_file(), f"{stage}/{name}"
     assert json.loads((post / "posttrain.json").read_text())["grpo.reward"] == run[1]["grpo.reward"]
+
+
+def test_missing_posttrain_data_is_seeded_like_the_world(tmp_path):
+    from training.posttrain_pipeline import ensure_posttrain_data
+
+    world, same, other = tmp_path / "world", tmp_path / "seed7", tmp_path / "seed42"
+    world.mkdir()
+    (world / "manifest.json").write_text(json.dumps({"seed": 7}))
+    ensure_posttrain_data(world, "micro")
+    write_posttrain_splits(same, seed=7, scale="micro")
+    write_posttrain_splits(other, seed=42, scale="micro")
+    written = (world / "posttrain" / "lora_train.jsonl").read_text()
+    assert written == (same / "posttrain" / "lora_train.jsonl").read_text()
+    assert written != (other / "posttrain" / "lora_train.jsonl").read_text()

@@ -288,14 +288,22 @@ def posttrain_grpo(out: Path, world: Path, preset: str, start: Path, limit: int)
             "grpo.format_ok": after["format_ok"], "grpo.reward_gain_pts": 100 * (after["reward"] - before["reward"])}
 
 
+def ensure_posttrain_data(world: Path, scale: str) -> None:
+    """Write WORLD/posttrain/ when it is missing, seeded like the world (its manifest), else 42."""
+    if (world / "posttrain" / "manifest.json").is_file():
+        return
+    from data.synth_posttrain import write_posttrain_splits
+    manifest = world / "manifest.json"
+    seed = json.loads(manifest.read_text(encoding="utf-8")).get("seed", 42) if manifest.is_file() else 42
+    write_posttrain_splits(world, seed, scale)
+
+
 def run_posttrain(out_dir: str | Path, world_dir: str | Path, preset: str, sft_dir: str | Path) -> dict:
     """All post-training stages from the SFT checkpoint `sft_dir`; returns flat metrics (also out/posttrain.json)."""
     out, world, sft = Path(out_dir), Path(world_dir), Path(sft_dir)
     out.mkdir(parents=True, exist_ok=True)
     p = get_preset(preset)
-    if not (world / "posttrain" / "manifest.json").is_file():
-        from data.synth_posttrain import write_posttrain_splits
-        write_posttrain_splits(world, 42, p["synth_scale"])
+    ensure_posttrain_data(world, p["synth_scale"])
     limit = p["eval_limit"]
     metrics: dict[str, float] = {}
     for stage in (posttrain_lora, posttrain_dpo, posttrain_distill, posttrain_reason):
