@@ -1,0 +1,114 @@
+"""One training step on the synthetic world's real batches: our packed step vs the padded HF-style one.
+
+`python bench/bench_lm_step.py [--rounds 6] [--steps 20] [--threads 2] [--world DIR]`
+
+Writes a `tiny` synthetic world and its tokenizer to a temporary folder (or reads `--world`), draws
+20 batches of 16 pretrain documents and 20 of 16 SFT conversations + 3 replayed pretrain documents
+(the `tiny` SFT mix), and times a full optimizer step (forward, backward, AdamW) of the `tiny` model:
+- `hf_padded`: what a user writes with transformers: right-padded batch, `model(..., labels=).loss`
+  (logits for every position, padding included);
+- `packed256_full_logits`: documents packed into rows of 256 (our `pack_collate`), logits everywhere;
+- `packed256`: the same rows, `causal_lm_loss` (LM head on supervised positions only);
+- `packed128`: rows of 128 (`--pack-len 128`, the `tiny` preset), `causal_lm_loss`.
+Contenders take turns (order rotates each round); each reports its median ms per step, and ratios
+are medians of per-round ratios against `hf_padded`. Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from data.collate import pack_collate, pad_collate
+from data.datasets import PretrainDataset, SFTDataset
+from training.lm_stage import causal_lm_loss
+from training.presets import PRESETS
+from vlm import MiniMindConfig, MiniMindForCausalLM
+from vlm.tokenizer import load_tokenizer
+
+
+def full_logits_loss(model, batch: dict) -> torch.Tensor:
+    """The transformers way: logits for every position, mean cross-entropy over the labelled ones."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 position_ids=batch.get("position_ids"), labels=batch["labels"]).loss
+
+
+def ours_loss(model, batch: dict) -> torch.Tensor:
+    out = causal_lm_loss(model, batch)
+    return out.loss_sum / out.count
+
+
+def make_world(folder: Path) -> Path:
+    from data.synth.__main__ import main as synth_main
+    from training.train_tokenizer import main as tok_main
+
+    synth_main(["--out", str(folder), "--seed", "0", "--scale", "tiny", "--no-images"])
+    tok_main(["--data", str(folder), "--out", str(folder / "tokenizer"), "--vocab-size", "2048",
+              "--max-chars-per-file", "1000000"])
+    return folder
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--world", help="an existing synthetic world folder with a tokenizer/ (default: write one)")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--steps", type=int, default=20, help="batches per contender per round")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        world = Path(args.world) if args.world else make_world(Path(tmp) / "world")
+        tok = load_tokenizer(world / "tokenizer")
+        max_len = PRESETS["tiny"]["max_len"]
+        pretrain = PretrainDataset(world / "pretrain.jsonl", tok, max_len)
+        sft = SFTDataset(world / "sft.jsonl", tok, max_len)
+        rng = random.Random(0)
+        items = {"pretrain": [[pretrain[i] for i in rng.sample(range(len(pretrain)), 16)] for _ in range(args.steps)],
+                 "sft": [[sft[i] for i in rng.sample(range(len(sft)), 16)]
+                         + [pretrain[i] for i in rng.sample(range(len(pretrain)), 3)] for _ in range(args.steps)]}
+    contenders = {
+        "hf_padded": (pad_collate, full_logits_loss),
+        "packed256_full_logits": (lambda b: pack_collate(b, max_len), full_logits_loss),
+        "packed256": (lambda b: pack_collate(b, max_len), ours_loss),
+        "packed128": (lambda b: pack_collate(b, max_len, row_len=128), ours_loss),
+    }
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(MiniMindConfig(vocab_size=len(tok), **PRESETS["tiny"]["model"]))
+    opt = torch.optim.AdamW(model.parameters(), 1e-4, fused=True)
+
+    def run(batches: list[dict], loss_fn) -> float:
+        t0 = time.perf_counter()
+        for b in batches:
+            loss_fn(model, b).backward()
+            opt.step()
+            opt.zero_grad()
+        return (time.perf_counter() - t0) / len(batches) * 1e3
+
+    report: dict = {"threads": args.threads, "rounds": args.rounds, "steps": args.steps}
+    names = list(contenders)
+    for part, groups in items.items():
+        batches = {k: [collate(g) for g in groups] for k, (collate, _) in contenders.items()}
+        for k in names:
+            run(batches[k][:2], contenders[k][1])  # warm-up
+        ms: dict[str, list[float]] = {k: [] for k in names}
+        for r in range(args.rounds):
+            for k in names[r % len(names):] + names[:r % len(names)]:
+                ms[k].append(run(batches[k], contenders[k][1]))
+        report[part] = {
+            "median_ms_per_step": {k: round(statistics.median(v), 1) for k, v in ms.items()},
+            "tokens_per_step": {k: round(sum(b["input_ids"].numel() for b in batches[k]) / len(groups), 1) for k in names},
+            "speedup_vs_hf_padded": {k: round(statistics.median(h / o for h, o in zip(ms["hf_padded"], ms[k])), 2)
+                                     for k in names[1:]},
+        }
+    print(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
