@@ -23,7 +23,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def causal_lm_loss(model, batch: dict) -> LossOutput:
-    """Summed next-token cross-entropy over supervised (label != -100) positions, plus the MoE aux loss."""
+    """Summed next-token cross-entropy over supervised (label != -100) positions, plus the MoE aux loss.
+
+    `model` is a `MiniMindForCausalLM` (its `.model` body and `.lm_head` are called apart)."""
     hidden, _, aux = model.model(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
     labels = batch["labels"][:, 1:]
     keep = labels != -100
