@@ -220,3 +220,22 @@ def test_pixel_shuffle_packs_each_block_of_patches_into_one_token(tokenizer, tmp
     assert loaded.config.projector_shuffle == 2 and loaded.config.num_image_tokens == 16
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, logits)
+
+
+def test_projector_norm_puts_image_tokens_on_the_word_scale_and_survives_save_load(tokenizer, tmp_path):
+    lm = tiny_lm(len(tokenizer))
+    word_rms = float(lm.get_input_embeddings().weight.pow(2).mean().sqrt())
+    model = MiniMindVLM.from_lm(lm, VisionEncoder.from_open_clip("minimind-clip-tiny"), projector_positions=True,
+                                projector_norm=True).eval()
+    table = next(m for m in model.projector if hasattr(m, "table")).table
+    assert float(table.std()) == pytest.approx(word_rms, rel=0.1)  # a slot is as loud as a word
+    features = 50.0 * torch.randn(2, 64, model.config.vision_hidden_size)  # far louder than the words
+    with torch.no_grad():
+        out = model.project_images(image_features=features)
+        content = out - table  # what the norm gave, before the slot embedding
+    assert torch.allclose(content.pow(2).mean(-1).sqrt(), torch.full((2, 64), word_rms), rtol=1e-3)
+    model.save_pretrained(tmp_path)
+    loaded = MiniMindVLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.projector_norm
+    with torch.no_grad():
+        assert torch.equal(loaded.project_images(image_features=features), out)

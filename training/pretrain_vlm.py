@@ -1,7 +1,7 @@
 """VLM pretraining: image-caption conversations teach the projector to map patch features into the LM.
 
 `python -m training.pretrain_vlm --data DIR_OR_FILE --out DIR --init LM_OR_VLM_DIR --vision ENCODER
- [--freeze projector] [--projector linear|mlp] [--projector-positions 0|1] [--preset tiny] ...`
+ [--freeze projector] [--projector linear|mlp] [--projector-positions 0|1] [--projector-norm 0|1] [--preset tiny] ...`
 
 --init: an LM checkpoint folder (a new VLM is built around it: LM weights copied, new projector)
 or a MiniMind-V folder (continued as is; its own encoder is kept). --vision: an open_clip model
@@ -80,7 +80,8 @@ def load_encoder(vision: str, pretrained: str | None = None) -> VisionEncoder:
 
 
 def build_vlm(init: str, vision: str | None, vision_pretrained: str | None, projector: str,
-              projector_positions: bool = False, projector_shuffle: int = 1) -> MiniMindVLM:
+              projector_positions: bool = False, projector_shuffle: int = 1,
+              projector_norm: bool = False) -> MiniMindVLM:
     """Continue a MiniMind-V folder, or wrap an LM folder with the named encoder and a new projector."""
     config = AutoConfig.from_pretrained(init)
     if isinstance(config, MiniMindVLMConfig):
@@ -94,7 +95,8 @@ def build_vlm(init: str, vision: str | None, vision_pretrained: str | None, proj
     lm = MiniMindForCausalLM.from_pretrained(init)
     return MiniMindVLM.from_lm(lm, load_encoder(vision, vision_pretrained), projector,
                                vision_pretrained=vision_pretrained or (vision if Path(vision).is_dir() else None),
-                               projector_positions=projector_positions, projector_shuffle=projector_shuffle)
+                               projector_positions=projector_positions, projector_shuffle=projector_shuffle,
+                               projector_norm=projector_norm)
 
 
 # -- data --------------------------------------------------------------------------------------------
@@ -129,6 +131,8 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--projector", choices=PROJECTOR_TYPES, default="linear", help="for a new VLM (default: linear)")
     p.add_argument("--projector-positions", type=int, choices=(0, 1), default=0,
                    help="for a new VLM: 1 adds a learned embedding per patch slot to the projected features")
+    p.add_argument("--projector-norm", type=int, choices=(0, 1), default=0,
+                   help="for a new VLM: 1 puts an RMSNorm after the projection, at the LM's word-embedding scale")
     p.add_argument("--projector-shuffle", type=int, default=1,
                    help="for a new VLM: pixel shuffle factor f; f x f neighbouring patches make one image token")
     p.add_argument("--freeze", choices=POLICIES, help=f"what trains (default: {STAGES[stage]['freeze']})")
@@ -164,7 +168,7 @@ def run_vlm_stage(stage: str, argv: list[str] | None, description: str,
 
     torch.manual_seed(args.seed)
     model = build_vlm(args.init, args.vision, args.vision_pretrained, args.projector, bool(args.projector_positions),
-                      args.projector_shuffle)
+                      args.projector_shuffle, bool(args.projector_norm))
     tok_dir = Path(args.tokenizer or args.init)
     tokenizer = load_tokenizer(tok_dir)
     data_file = resolve_data_file(args.data, spec["data_file"])

@@ -12,6 +12,7 @@ Vision fields:
   for provenance; the weights themselves are stored in the checkpoint (`vision.*` keys);
 - `projector_type` (`linear` / `mlp`) and `projector_positions` (a learned embedding per patch slot
   added to the projected features, see `vlm.projector`);
+- `projector_norm`: an RMSNorm after the projection, its gain at the LM's word-embedding scale;
 - `projector_shuffle` (f, default 1): pixel shuffle factor; f x f neighbouring patches make one token;
 - `vision_hidden_size` (D): read from the encoder; `num_image_tokens` (N): the encoder's patch count
   divided by f^2, the image tokens the LM sees; the processor writes N placeholder ids per `<image>`.
@@ -38,6 +39,7 @@ class MiniMindVLMConfig(MiniMindConfig):
         projector_type: str = "linear",
         projector_positions: bool = False,
         projector_shuffle: int = 1,
+        projector_norm: bool = False,
         image_token_id: int = IMAGE_ID,
         **kwargs,
     ):
@@ -54,6 +56,7 @@ class MiniMindVLMConfig(MiniMindConfig):
         if int(projector_shuffle) < 1:
             raise ValueError(f"projector_shuffle must be >= 1, got {projector_shuffle}")
         self.projector_shuffle = int(projector_shuffle)
+        self.projector_norm = bool(projector_norm)
         self.image_token_id = image_token_id
         super().__init__(**kwargs)
 

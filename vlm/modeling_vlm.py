@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 from .configuration_vlm import MiniMindVLMConfig
 from .generation import fast_generate as lean_generate
 from .modeling_minimind import MiniMindForCausalLM
-from .projector import build_projector, shuffled_side
+from .projector import build_projector, match_text_scale, shuffled_side
 from .vision import VisionEncoder
 
 
@@ -45,7 +45,7 @@ class MiniMindVLM(MiniMindForCausalLM):
         self.vision = vision
         self.projector = build_projector(config.projector_type, config.vision_hidden_size, config.hidden_size,
                                          positions=config.num_image_tokens if config.projector_positions else 0,
-                                         shuffle=config.projector_shuffle)
+                                         shuffle=config.projector_shuffle, norm=config.projector_norm)
         self.post_init()
         self.vision.requires_grad_(False)
 
@@ -68,17 +68,18 @@ class MiniMindVLM(MiniMindForCausalLM):
     @classmethod
     def from_lm(cls, lm: MiniMindForCausalLM, vision: VisionEncoder, projector_type: str = "linear",
                 vision_pretrained: str | None = None, projector_positions: bool = False,
-                projector_shuffle: int = 1) -> "MiniMindVLM":
+                projector_shuffle: int = 1, projector_norm: bool = False) -> "MiniMindVLM":
         """A VLM around a trained LM (weights copied) and an encoder; only the projector is new."""
         config = MiniMindVLMConfig.from_text_config(lm.config, projector_type=projector_type,
                                                     projector_positions=projector_positions,
-                                                    projector_shuffle=projector_shuffle,
+                                                    projector_shuffle=projector_shuffle, projector_norm=projector_norm,
                                                     vision_pretrained=vision_pretrained)
         model = cls(config, vision=vision)
         result = model.load_state_dict(lm.state_dict(), strict=False)
         missing = [k for k in result.missing_keys if not k.startswith(("vision.", "projector."))]
         if missing or result.unexpected_keys:
             raise ValueError(f"LM weights do not fit the VLM: missing {missing}, unexpected {result.unexpected_keys}")
+        match_text_scale(model.projector, model.get_input_embeddings().weight)
         return model.to(next(lm.parameters()).device)
 
     @classmethod
