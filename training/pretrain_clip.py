@@ -45,7 +45,10 @@ log = logging.getLogger(__name__)
 
 CLIP_PRESETS: dict[str, dict] = {  # stage defaults per preset; the flags override them
     "micro": dict(model="minimind-clip-micro", max_steps=30, batch_size=32, lr=2e-3, warmup_steps=3),
-    "tiny": dict(model="minimind-clip-tiny", max_steps=400, batch_size=64, lr=1e-3, warmup_steps=30),
+    # tiny: 800 steps, not 400 (~10 min instead of 5 at 2 threads). Seed-42 scenes: held-out retrieval i2t
+    # 0.62 -> 0.72 en, 0.65 -> 0.72 zh; the ridge probes barely move (shape 0.91 -> 0.95) but the VLM learns
+    # to read the features far better: VQA 0.573 -> 0.61, shape 0.21 -> 0.44, unseen pairs 0.58 -> 0.69.
+    "tiny": dict(model="minimind-clip-tiny", max_steps=800, batch_size=64, lr=1e-3, warmup_steps=30),
     "small": dict(model="minimind-clip-small", epochs=8, batch_size=256, lr=5e-4, warmup_steps=200),
 }
 MAX_LOGIT_SCALE = 100.0  # CLIP's clamp on the learned temperature
