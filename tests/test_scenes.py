@@ -146,3 +146,15 @@ def test_colourless_caption_drops_every_colour_word_but_keeps_the_rest():
     assert colourless_caption("an orange diamond at the top and a red circle at the bottom") == \
         "a diamond at the top and a circle at the bottom"
     assert colourless_caption('the word "cat"') == 'the word "cat"'
+
+
+def test_training_questions_cover_counting_and_reading_about_as_often_as_colour(tmp_path):
+    """tiny's train split leans to count and text scenes: they bring 2 questions each, a single shape 8."""
+    from collections import Counter
+
+    write_scene_splits(tmp_path, seed=1, scale="tiny", images=False)
+    per_type = Counter(r["type"] for r in _rows(tmp_path / "vlm_sft.jsonl"))
+    assert per_type["text"] >= 0.75 * per_type["colour"] and per_type["count"] >= 0.75 * per_type["colour"]
+    # the held-out questions keep the old mix, so VQA figures stay comparable across versions
+    eval_types = Counter(r["type"] for r in _rows(tmp_path / "eval" / "vqa.jsonl"))
+    assert eval_types["count"] == 120 and eval_types["text"] == 90

@@ -239,3 +239,33 @@ def test_projector_norm_puts_image_tokens_on_the_word_scale_and_survives_save_lo
     assert loaded.config.projector_norm
     with torch.no_grad():
         assert torch.equal(loaded.project_images(image_features=features), out)
+
+
+def test_glance_token_follows_the_patch_tokens_and_sees_the_whole_grid(tokenizer, tmp_path):
+    from vlm.projector import PixelShuffle
+
+    model = MiniMindVLM.from_lm(tiny_lm(len(tokenizer)), VisionEncoder.from_open_clip("minimind-clip-tiny"),
+                                projector_shuffle=2, projector_glance=True, projector_norm=True).eval()
+    assert model.config.num_image_tokens == 17 and model.config.num_patch_tokens == 16
+    proc = VLMProcessor.from_config(model.config, tokenizer)
+    batch = proc(messages=[{"role": "user", "content": "<image>\nWhat is written?"}], images=[image(5)])
+    assert int((batch["input_ids"] == IMAGE_ID).sum()) == 17
+    glance, norm = model.projector[0], model.projector[1]
+    with torch.no_grad():
+        features = model.vision(batch["pixel_values"])
+        rows = model.embed_inputs(batch["input_ids"], batch["pixel_values"])[batch["input_ids"] == IMAGE_ID]
+        # 16 block tokens in grid order, then the glance token: one matrix over all 64 patches at once
+        assert torch.equal(rows[:16], norm(glance.local[1](PixelShuffle(2)(features)))[0])
+        assert torch.allclose(rows[16], norm(features.flatten(-2) @ glance.glance.weight.T)[0], atol=1e-5)
+        # a change in one corner patch moves its block token and the glance token, no other token
+        changed = features.clone()
+        changed[0, 0] += 1.0
+        before, after = model.project_images(image_features=features), model.project_images(image_features=changed)
+        moved = (after - before).abs().amax(-1)[0] > 1e-6
+        assert moved.tolist() == [True] + [False] * 15 + [True]
+        logits = model(**batch).logits
+    model.save_pretrained(tmp_path)
+    loaded = MiniMindVLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.projector_glance and loaded.config.num_image_tokens == 17
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, logits)

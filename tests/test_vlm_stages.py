@@ -87,3 +87,29 @@ def test_sft_with_several_questions_per_image_and_pixel_shuffle(setup, tmp_path)
     single = (world / "vlm_sft.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(grouped) < len(single) and '"role": "assistant"' in grouped[0]
     assert summary["vlm.vqa_n"] == 4 and (tmp_path / "sft" / "vqa.json").is_file()
+
+
+def test_vlm_loss_on_answer_positions_equals_the_full_logits_loss(setup):
+    """The head runs on supervised positions only; loss and gradients equal the `labels=` loss."""
+    from data.vlm_datasets import VLMDataset, open_source, vlm_collate
+
+    root, world = setup
+    tok = load_tokenizer(root / "lm")
+    model = MiniMindVLM.from_lm(vlm.MiniMindForCausalLM.from_pretrained(root / "lm"),
+                                VisionEncoder.from_open_clip("minimind-clip-micro"), projector_shuffle=2).double()
+    data = VLMDataset(open_source(world / "vlm_sft.jsonl", str(world / "images")), tok, model.num_image_tokens, 64,
+                      preprocess=model.vision.preprocess)
+    batch = vlm_collate([data[i] for i in range(6)])
+    batch["pixel_values"] = batch["pixel_values"].double()
+    out = pretrain_vlm.vlm_loss(model, batch)
+    out.loss_sum.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+    assert out.count == int((batch["labels"][:, 1:] != -100).sum()) > 6
+    assert torch.allclose(out.loss_sum / out.count, reference, atol=1e-12)
+    (reference * out.count).backward()
+    for name, p in model.named_parameters():
+        if name in ours:
+            assert torch.allclose(ours[name], p.grad, atol=1e-10), name

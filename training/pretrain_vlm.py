@@ -1,7 +1,8 @@
 """VLM pretraining: image-caption conversations teach the projector to map patch features into the LM.
 
 `python -m training.pretrain_vlm --data DIR_OR_FILE --out DIR --init LM_OR_VLM_DIR --vision ENCODER
- [--freeze projector] [--projector linear|mlp] [--projector-positions 0|1] [--projector-norm 0|1] [--preset tiny] ...`
+ [--freeze projector] [--projector linear|mlp] [--projector-positions 0|1] [--projector-norm 0|1] [--projector-glance 0|1]
+ [--preset tiny] ...`
 
 --init: an LM checkpoint folder (a new VLM is built around it: LM weights copied, new projector)
 or a MiniMind-V folder (continued as is; its own encoder is kept). --vision: an open_clip model
@@ -63,12 +64,15 @@ def vlm_loss(model, batch: dict) -> LossOutput:
     device = next(model.parameters()).device
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values", "image_features")
               if batch.get(k) is not None}
-    out = model(**inputs)
+    embeds = model.embed_inputs(inputs["input_ids"], inputs.get("pixel_values"), inputs.get("image_features"))
+    hidden, _, aux = model.model(attention_mask=inputs.get("attention_mask"), inputs_embeds=embeds)
     labels = batch["labels"].to(device)[:, 1:]
     keep = labels != -100
-    loss_sum = F.cross_entropy(out.logits[:, :-1][keep].float(), labels[keep], reduction="sum")
+    # the head only where an answer token is predicted: a VQA sample is ~35 prompt tokens for ~2 answer ones
+    logits = model.lm_head(hidden[:, :-1][keep])
+    loss_sum = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
     n_images = len(inputs.get("image_features", inputs.get("pixel_values", ())))
-    return LossOutput(loss_sum=loss_sum, count=int(keep.sum()), aux=out.aux_loss, metrics={"images": float(n_images)})
+    return LossOutput(loss_sum=loss_sum, count=int(keep.sum()), aux=aux, metrics={"images": float(n_images)})
 
 
 # -- model -------------------------------------------------------------------------------------------
@@ -81,7 +85,7 @@ def load_encoder(vision: str, pretrained: str | None = None) -> VisionEncoder:
 
 def build_vlm(init: str, vision: str | None, vision_pretrained: str | None, projector: str,
               projector_positions: bool = False, projector_shuffle: int = 1,
-              projector_norm: bool = False) -> MiniMindVLM:
+              projector_norm: bool = False, projector_glance: bool = False) -> MiniMindVLM:
     """Continue a MiniMind-V folder, or wrap an LM folder with the named encoder and a new projector."""
     config = AutoConfig.from_pretrained(init)
     if isinstance(config, MiniMindVLMConfig):
@@ -96,7 +100,7 @@ def build_vlm(init: str, vision: str | None, vision_pretrained: str | None, proj
     return MiniMindVLM.from_lm(lm, load_encoder(vision, vision_pretrained), projector,
                                vision_pretrained=vision_pretrained or (vision if Path(vision).is_dir() else None),
                                projector_positions=projector_positions, projector_shuffle=projector_shuffle,
-                               projector_norm=projector_norm)
+                               projector_norm=projector_norm, projector_glance=projector_glance)
 
 
 # -- data --------------------------------------------------------------------------------------------
@@ -133,6 +137,8 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
                    help="for a new VLM: 1 adds a learned embedding per patch slot to the projected features")
     p.add_argument("--projector-norm", type=int, choices=(0, 1), default=0,
                    help="for a new VLM: 1 puts an RMSNorm after the projection, at the LM's word-embedding scale")
+    p.add_argument("--projector-glance", type=int, choices=(0, 1), default=0,
+                   help="for a new VLM: 1 adds one image token, a linear map of the whole patch grid")
     p.add_argument("--projector-shuffle", type=int, default=1,
                    help="for a new VLM: pixel shuffle factor f; f x f neighbouring patches make one image token")
     p.add_argument("--freeze", choices=POLICIES, help=f"what trains (default: {STAGES[stage]['freeze']})")
@@ -168,7 +174,7 @@ def run_vlm_stage(stage: str, argv: list[str] | None, description: str,
 
     torch.manual_seed(args.seed)
     model = build_vlm(args.init, args.vision, args.vision_pretrained, args.projector, bool(args.projector_positions),
-                      args.projector_shuffle, bool(args.projector_norm))
+                      args.projector_shuffle, bool(args.projector_norm), bool(args.projector_glance))
     tok_dir = Path(args.tokenizer or args.init)
     tokenizer = load_tokenizer(tok_dir)
     data_file = resolve_data_file(args.data, spec["data_file"])

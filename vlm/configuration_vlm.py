@@ -14,8 +14,10 @@ Vision fields:
   added to the projected features, see `vlm.projector`);
 - `projector_norm`: an RMSNorm after the projection, its gain at the LM's word-embedding scale;
 - `projector_shuffle` (f, default 1): pixel shuffle factor; f x f neighbouring patches make one token;
+- `projector_glance`: one more image token, a linear map of the whole patch grid;
 - `vision_hidden_size` (D): read from the encoder; `num_image_tokens` (N): the encoder's patch count
-  divided by f^2, the image tokens the LM sees; the processor writes N placeholder ids per `<image>`.
+  divided by f^2 (+ 1 with the glance token), the image tokens the LM sees; the processor writes N
+  placeholder ids per `<image>`.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ class MiniMindVLMConfig(MiniMindConfig):
         projector_positions: bool = False,
         projector_shuffle: int = 1,
         projector_norm: bool = False,
+        projector_glance: bool = False,
         image_token_id: int = IMAGE_ID,
         **kwargs,
     ):
@@ -57,6 +60,7 @@ class MiniMindVLMConfig(MiniMindConfig):
             raise ValueError(f"projector_shuffle must be >= 1, got {projector_shuffle}")
         self.projector_shuffle = int(projector_shuffle)
         self.projector_norm = bool(projector_norm)
+        self.projector_glance = bool(projector_glance)
         self.image_token_id = image_token_id
         super().__init__(**kwargs)
 
@@ -67,3 +71,8 @@ class MiniMindVLMConfig(MiniMindConfig):
         for key in ("model_type", "architectures", "transformers_version", "auto_map", "dtype", "torch_dtype"):
             fields.pop(key, None)
         return cls(**fields, **vision_kwargs)
+
+    @property
+    def num_patch_tokens(self) -> int:
+        """Image tokens that come from patch blocks (all but the glance token)."""
+        return self.num_image_tokens - int(self.projector_glance)

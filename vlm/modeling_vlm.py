@@ -45,7 +45,8 @@ class MiniMindVLM(MiniMindForCausalLM):
         self.vision = vision
         self.projector = build_projector(config.projector_type, config.vision_hidden_size, config.hidden_size,
                                          positions=config.num_image_tokens if config.projector_positions else 0,
-                                         shuffle=config.projector_shuffle, norm=config.projector_norm)
+                                         shuffle=config.projector_shuffle, norm=config.projector_norm,
+                                         glance_patches=vision.num_patches if config.projector_glance else 0)
         self.post_init()
         self.vision.requires_grad_(False)
 
@@ -54,6 +55,7 @@ class MiniMindVLM(MiniMindForCausalLM):
         """Record the encoder in the config; a config that disagrees with its encoder is an error."""
         f = config.projector_shuffle
         n, d = shuffled_side(vision.num_patches, f) ** 2 if f > 1 else vision.num_patches, vision.hidden_size
+        n += int(config.projector_glance)
         for field, value in (("num_image_tokens", n), ("vision_hidden_size", d)):
             saved = getattr(config, field)
             if saved is not None and saved != value:
@@ -68,12 +70,13 @@ class MiniMindVLM(MiniMindForCausalLM):
     @classmethod
     def from_lm(cls, lm: MiniMindForCausalLM, vision: VisionEncoder, projector_type: str = "linear",
                 vision_pretrained: str | None = None, projector_positions: bool = False,
-                projector_shuffle: int = 1, projector_norm: bool = False) -> "MiniMindVLM":
+                projector_shuffle: int = 1, projector_norm: bool = False,
+                projector_glance: bool = False) -> "MiniMindVLM":
         """A VLM around a trained LM (weights copied) and an encoder; only the projector is new."""
         config = MiniMindVLMConfig.from_text_config(lm.config, projector_type=projector_type,
                                                     projector_positions=projector_positions,
                                                     projector_shuffle=projector_shuffle, projector_norm=projector_norm,
-                                                    vision_pretrained=vision_pretrained)
+                                                    projector_glance=projector_glance, vision_pretrained=vision_pretrained)
         model = cls(config, vision=vision)
         result = model.load_state_dict(lm.state_dict(), strict=False)
         missing = [k for k in result.missing_keys if not k.startswith(("vision.", "projector."))]
@@ -103,7 +106,7 @@ class MiniMindVLM(MiniMindForCausalLM):
         (`[I, N * f^2, D]`: the encoder's patches, before the projector's pixel shuffle by f)."""
         if image_features is None:
             image_features = self.get_image_features(pixel_values)
-        n = self.config.num_image_tokens * self.config.projector_shuffle ** 2
+        n = self.config.num_patch_tokens * self.config.projector_shuffle ** 2
         d = self.config.vision_hidden_size
         if image_features.dim() != 3 or tuple(image_features.shape[1:]) != (n, d):
             raise ValueError(f"image_features must be [images, {n}, {d}] for {self.config.vision_model_name}, "

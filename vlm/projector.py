@@ -21,6 +21,12 @@ embeddings. Without it the projected tokens drift far above the words' scale (ti
 2.3), so inside the LM's residual stream an image token is almost all content: its layers barely
 change it, and a slot embedding of the words' scale is 1% of it and unreadable (position 0.20,
 chance level).
+
+With `glance=True` one more token follows the local ones: a linear map of the *whole* patch grid,
+flattened (the image at a glance, like the global thumbnail token of InternVL or SmolVLM). Reading a
+word means combining letters spread over several tokens at slot-specific weights, which a small LM's
+attention found hard: tiny, 3272 training word images, the VLM read 0.29 of held-out words and 0.40
+of its own training words, while a ridge probe of the same flattened grid reads 0.89 held out.
 """
 from __future__ import annotations
 
@@ -54,6 +60,18 @@ class PixelShuffle(nn.Module):
         return x.reshape(*lead, side * side, f * f * d)
 
 
+class WithGlance(nn.Module):
+    """`[.., N, D] -> [.., N' + 1, H]`: the `local` tokens, then one token `W @ flatten(patches)`."""
+
+    def __init__(self, local: nn.Module, num_patches: int, vision_dim: int, text_dim: int):
+        super().__init__()
+        self.local = local
+        self.glance = nn.Linear(num_patches * vision_dim, text_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.local(x), self.glance(x.flatten(-2)).unsqueeze(-2)], dim=-2)
+
+
 @torch.no_grad()
 def match_text_scale(projector: nn.Module, word_embeddings: torch.Tensor) -> None:
     """Put a new projector's output on the scale of the LM's word embeddings: the RMSNorm gain (if
@@ -76,11 +94,12 @@ def shuffled_side(num_patches: int, factor: int) -> int:
 
 
 def build_projector(kind: str, vision_dim: int, text_dim: int, positions: int = 0, shuffle: int = 1,
-                    norm: bool = False) -> nn.Module:
+                    norm: bool = False, glance_patches: int = 0) -> nn.Module:
     """`linear`: Linear(D_v, H, bias=False); `mlp`: Linear(D_v, H) -> GELU -> Linear(H, H);
-    `shuffle` > 1 puts `PixelShuffle(shuffle)` first (input width D_v * shuffle^2); `norm` appends
+    `shuffle` > 1 puts `PixelShuffle(shuffle)` first (input width D_v * shuffle^2); `glance_patches`
+    = N > 0 wraps those in `WithGlance` (one more token from all N patches); `norm` appends
     `nn.RMSNorm(H)`; `positions` > 0 appends `AddPositions(positions, H)` last (the layers then sit in
-    an nn.Sequential)."""
+    an nn.Sequential; `positions` counts the glance token too)."""
     width = vision_dim * shuffle * shuffle
     if kind == "linear":
         layers = [nn.Linear(width, text_dim, bias=False)]
@@ -90,6 +109,9 @@ def build_projector(kind: str, vision_dim: int, text_dim: int, positions: int = 
         raise ValueError(f"unknown projector type {kind!r} (expected 'linear' or 'mlp')")
     if shuffle > 1:
         layers.insert(0, PixelShuffle(shuffle))
+    if glance_patches:
+        local = layers[0] if len(layers) == 1 else nn.Sequential(*layers)
+        layers = [WithGlance(local, glance_patches, vision_dim, text_dim)]
     if norm:
         layers.append(nn.RMSNorm(text_dim, eps=1e-6))
     if positions:
