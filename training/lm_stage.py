@@ -27,10 +27,16 @@ def causal_lm_loss(model, batch: dict) -> LossOutput:
 
     `model` is a `MiniMindForCausalLM` (its `.model` body and `.lm_head` are called apart)."""
     hidden, _, aux = model.model(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
-    labels = batch["labels"][:, 1:]
+    return supervised_head_loss(model, hidden, batch["labels"], aux)
+
+
+def supervised_head_loss(model, hidden: torch.Tensor, labels: torch.Tensor, aux=None) -> LossOutput:
+    """Next-token CE summed over supervised positions of the body's `hidden` states `[B, T, H]`.
+
+    Only supervised positions reach the LM head and its vocab-wide softmax: SFT masks about three
+    quarters of its tokens (prompt, passage), a VQA sample ~35 prompt tokens for ~2 answer ones."""
+    labels = labels.to(hidden.device)[:, 1:]
     keep = labels != -100
-    # Only supervised positions reach the LM head and its vocab-wide softmax: SFT masks about three
-    # quarters of its tokens (prompt, passage), so this skips most of the head's matmul there.
     logits = model.lm_head(hidden[:, :-1][keep])
     loss_sum = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
     return LossOutput(loss_sum=loss_sum, count=int(keep.sum()), aux=aux)

@@ -26,12 +26,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoConfig
 
 from data.vlm_datasets import VLMDataset, open_source, vlm_collate
 from training.cli import add_common_args, config_from_args
-from training.lm_stage import resolve_data_file
+from training.lm_stage import resolve_data_file, supervised_head_loss
 from training.freeze import POLICIES, apply_freeze, trainable_predicate
 from training.trainer import LossOutput, Trainer
 from vlm import MiniMindForCausalLM
@@ -68,13 +67,9 @@ def vlm_loss(model, batch: dict) -> LossOutput:
               if batch.get(k) is not None}
     embeds = model.embed_inputs(inputs["input_ids"], inputs.get("pixel_values"), inputs.get("image_features"))
     hidden, _, aux = model.model(attention_mask=inputs.get("attention_mask"), inputs_embeds=embeds)
-    labels = batch["labels"].to(device)[:, 1:]
-    keep = labels != -100
-    # the head only where an answer token is predicted: a VQA sample is ~35 prompt tokens for ~2 answer ones
-    logits = model.lm_head(hidden[:, :-1][keep])
-    loss_sum = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
-    n_images = len(inputs.get("image_features", inputs.get("pixel_values", ())))
-    return LossOutput(loss_sum=loss_sum, count=int(keep.sum()), aux=aux, metrics={"images": float(n_images)})
+    out = supervised_head_loss(model, hidden, batch["labels"], aux)
+    out.metrics = {"images": float(len(inputs.get("image_features", inputs.get("pixel_values", ()))))}
+    return out
 
 
 # -- model -------------------------------------------------------------------------------------------
