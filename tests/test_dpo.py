@@ -130,3 +130,27 @@ def test_likelihood_accuracy_ranks_the_policy_itself_while_pref_acc_ranks_its_ch
     assert m["likelihood_acc"] == pytest.approx(2 / 3)  # rows 1 and 3 rank chosen higher
     assert m["pref_acc"] == pytest.approx(2 / 3)  # rows 2 and 3 gained; row 1 has a zero margin
     assert preference_metrics(ref, ref, beta=0.1)["pref_acc"] == 0.0
+
+
+def test_trainable_pattern_trains_only_the_matching_parameters(world, tmp_path):
+    """`--trainable REGEX`: the final norm's gains move, every other weight is bit-identical to the init."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from training.dpo import main
+
+    root, tok = world
+    init = tmp_path / "init"
+    small_model(len(tok)).save_pretrained(init)
+    for f in (root / "tokenizer").iterdir():
+        shutil.copy(f, init / f.name)
+    out = tmp_path / "dpo"
+    main(["--data", str(root / "posttrain" / "dpo_train.jsonl"), "--init", str(init), "--out", str(out),
+          "--preset", "micro", "--max-steps", "3", "--lr", "1e-2", "--trainable", r"^model\.norm\.", "--no-progress"])
+    before, after = load_file(init / "model.safetensors"), load_file(out / "model.safetensors")
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed == ["model.norm.weight"], changed
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        main(["--data", str(root / "posttrain" / "dpo_train.jsonl"), "--init", str(init), "--out", str(tmp_path / "x"),
+              "--preset", "micro", "--max-steps", "1", "--trainable", "no_such_parameter", "--no-progress"])

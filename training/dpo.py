@@ -11,11 +11,14 @@ tokens (as minimind, no length normalisation). With pi == ref, m = 0 and the los
 `--rpo-alpha a` adds a * (mean NLL of the chosen answer's tokens), as TRL's `rpo_alpha` (Pang et al.
 2024): DPO alone may lower the chosen answer's likelihood too, as long as the rejected one falls
 faster, and greedy answers then drift from the SFT model's.
+`--trainable REGEX` trains only the parameters whose names match (the rest stay bit-identical); the
+tiny preset trains the final norm alone, for the reason given in `training.posttrain_pipeline`.
 """
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -150,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--label-smoothing", type=float, default=0.0, help="cDPO: assumed rate of flipped labels")
     p.add_argument("--rpo-alpha", type=float, help="weight of the chosen answers' NLL added to the DPO loss (0: pure DPO)")
     p.add_argument("--eval-data", help="held-out pairs (default: DATA/eval/dpo.jsonl)")
+    p.add_argument("--trainable", help="regex over parameter names: only matching parameters train (default: all)")
     args, _ = parse_stage(p, "dpo", argv)
     if not args.init:
         raise SystemExit("--init: DPO starts from an SFT checkpoint folder")
@@ -159,7 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
     from training.cli import config_from_args
 
     trainer = Trainer(model, train, pair_collate, make_dpo_loss(args.beta, args.label_smoothing, args.rpo_alpha or 0.0), config_from_args(args),
-                      count_fn=lambda b: b["n_pairs"], save_fn=saver(tok_dir))
+                      count_fn=lambda b: b["n_pairs"], save_fn=saver(tok_dir),
+                      trainable=(lambda name, _p: re.search(args.trainable, name) is not None) if args.trainable else None)
     summary = trainer.train()
     eval_path = Path(args.eval_data) if args.eval_data else None
     if eval_path is None and Path(args.data).is_dir():
