@@ -34,7 +34,10 @@ STAGE_DEFAULTS: dict[str, dict[str, dict]] = {
         # replay_pretrain: the base SFT replay alone kept reading (context QA 0.86 -> 0.87) but not the facts
         # only pretraining taught (closed-book 0.81 -> 0.64, base domain -8 pts; lower lr or more SFT replay:
         # -4.5). Pretrain documents at 0.5 / 1.0 per sample: base -1.5 / +1.0 pts, new domain +51 / +56 pts.
-        "lora": dict(max_steps=500, batch_size=16, lr=3e-3, warmup_steps=20, rank=8, alpha=16.0, replay=0.35,
+        # replay 1.0 (was 0.35): on the seed-7 LM of 2026-12-04 the base domain fell 6.0 pts at 0.35, 3.0 at 0.6,
+        # 2.5 at 1.0, 1.5 at 1.5 (new domain +56 / +53 / +56 / +35); on seed 42 it rose 0.5 at 0.35 and held at
+        # 1.0 (new domain +52 / +43). 750 steps at 1.0 were no better (seed 42 0.0 / +45, seed 7 -3.0 / +53).
+        "lora": dict(max_steps=500, batch_size=16, lr=3e-3, warmup_steps=20, rank=8, alpha=16.0, replay=1.0,
                      replay_pretrain=1.0),
         # dpo trains the final RMSNorm's gains only. The held-out pairs ask facts DPO never saw, and what
         # transfers to them is confidence in what the model already knows: scaling that norm by 1.1-2
