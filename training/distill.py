@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     p = build_parser("distill", __doc__.splitlines()[0])
     p.add_argument("--teacher", required=True, help="teacher checkpoint folder (same tokenizer)")
-    p.add_argument("--alpha", type=float, default=0.5, help="weight of the hard-label CE (1 = SFT only; default 0.5, the tiny preset 0.2)")
+    p.add_argument("--alpha", type=float, default=0.5,
+                   help="weight of the hard-label CE (1 = SFT only; default 0.5, the tiny preset 0.2)")
     p.add_argument("--temperature", type=float, default=2.0, help="softmax temperature T of both distributions")
     p.add_argument("--divergence", choices=("forward", "reverse"), default="forward",
                    help="KL(teacher||student) (Hinton) or KL(student||teacher) (mode-seeking)")

@@ -162,9 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     from training.cli import config_from_args
 
+    trainable = (lambda name, _p: re.search(args.trainable, name) is not None) if args.trainable else None
     trainer = Trainer(model, train, pair_collate, make_dpo_loss(args.beta, args.label_smoothing, args.rpo_alpha or 0.0), config_from_args(args),
-                      count_fn=lambda b: b["n_pairs"], save_fn=saver(tok_dir),
-                      trainable=(lambda name, _p: re.search(args.trainable, name) is not None) if args.trainable else None)
+                      count_fn=lambda b: b["n_pairs"], save_fn=saver(tok_dir), trainable=trainable)
     summary = trainer.train()
     eval_path = Path(args.eval_data) if args.eval_data else None
     if eval_path is None and Path(args.data).is_dir():
