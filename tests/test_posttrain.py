@@ -118,6 +118,19 @@ def test_grpo_objective_gradient_follows_the_advantage():
     assert far.grad.abs().item() == 0.0
 
 
+def test_grpo_kl_is_bounded_for_tokens_the_policy_has_nearly_ruled_out():
+    from training.grpo import KL_CAP
+    # One ordinary token and one the policy gives 1e-9 where the reference gives 0.37: unbounded k3
+    # would score that token e^20 and its gradient would swamp the batch.
+    logp = torch.tensor([[-1.0, -20.7]], requires_grad=True)
+    ref = torch.tensor([[-1.2, -1.0]])
+    loss, kl = grpo_objective(logp, logp.detach(), ref, torch.zeros(1), torch.ones(1, 2), clip_eps=0.2, beta=1.0)
+    d = torch.tensor(-0.2)
+    assert torch.allclose(kl, ((torch.exp(d) - d - 1) + KL_CAP) / 2)
+    loss.sum().backward()
+    assert torch.isfinite(logp.grad).all() and logp.grad[0, 1] == 0 and logp.grad[0, 0] != 0
+
+
 def test_kd_loss_terms():
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)

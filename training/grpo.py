@@ -4,8 +4,8 @@ Per prompt, sample a group of G responses, score each with rule-based rewards (`
 exact answer + think/answer format), and push up the responses that beat their group's mean:
 advantage A_i = (r_i - mean(r)) / (std(r) + eps) — no value network. Objective per response token:
 min(rho * A, clip(rho, 1 - eps, 1 + eps) * A) - beta * KL(pi || ref), with the k3 KL estimator
-exp(ref - logp) - (ref - logp) - 1 against the frozen starting model. One policy update per rollout,
-so rho = exp(logp - logp.detach()) equals 1 in value and carries the policy gradient.
+exp(ref - logp) - (ref - logp) - 1 against the frozen starting model, bounded per token at `KL_CAP`.
+One policy update per rollout, so rho = exp(logp - logp.detach()) equals 1 in value and carries the policy gradient.
 
 Sampling happens inside the loss function, so the shared Trainer (accumulation, clipping, schedule,
 checkpoints) runs GRPO like any other stage; a batch is a list of prompts.
@@ -75,14 +75,20 @@ def token_logps(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return -F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
 
 
+KL_CAP = 10.0  # per-token bound of the KL estimate (and of the log-ratio inside it)
+
+
 def grpo_objective(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, adv: torch.Tensor,
                    resp_mask: torch.Tensor, clip_eps: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence loss [N] (mean over its response tokens) and per-sequence mean KL."""
     ratio = torch.exp(logp - old_logp)
     a = adv[:, None]
     surrogate = torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
-    delta = ref_logp - logp
-    kl = torch.exp(delta) - delta - 1
+    # k3 is exp(delta) - delta - 1: a token the policy sampled at, say, 1e-7 that the reference gives 0.1
+    # scores 1e6 and its gradient swamps the batch (tiny, seed 42: logged KL 152436, arithmetic EM fell).
+    # Bounded as verl's `low_var_kl` is: such tokens add at most KL_CAP and no gradient.
+    delta = (ref_logp - logp).clamp(-KL_CAP, KL_CAP)
+    kl = (torch.exp(delta) - delta - 1).clamp(max=KL_CAP)
     per_token = -(surrogate - beta * kl)
     n = resp_mask.sum(1).clamp(min=1)
     return (per_token * resp_mask).sum(1) / n, ((kl * resp_mask).sum(1) / n).detach()
