@@ -5,7 +5,8 @@ exact answer + think/answer format), and push up the responses that beat their g
 advantage A_i = (r_i - mean(r)) / (std(r) + eps) — no value network. Objective per response token:
 min(rho * A, clip(rho, 1 - eps, 1 + eps) * A) - beta * KL(pi || ref), with the k3 KL estimator
 exp(ref - logp) - (ref - logp) - 1 against the frozen starting model, bounded per token at `KL_CAP`.
-One policy update per rollout, so rho = exp(logp - logp.detach()) equals 1 in value and carries the policy gradient.
+One policy update per rollout, so rho = exp(logp - logp.detach()) equals 1 in value and carries the
+policy gradient.
 
 Sampling happens inside the loss function, so the shared Trainer (accumulation, clipping, schedule,
 checkpoints) runs GRPO like any other stage; a batch is a list of prompts.
@@ -85,7 +86,7 @@ def grpo_objective(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.T
     a = adv[:, None]
     surrogate = torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
     # k3 is exp(delta) - delta - 1: a token the policy sampled at, say, 1e-7 that the reference gives 0.1
-    # scores 1e6 and its gradient swamps the batch (tiny, seed 42: logged KL 152436, arithmetic EM fell).
+    # scores 1e6 and its gradient swamps the batch (a tiny GRPO run logged a step's mean KL at 152436).
     # Bounded as verl's `low_var_kl` is: such tokens add at most KL_CAP and no gradient.
     delta = (ref_logp - logp).clamp(-KL_CAP, KL_CAP)
     kl = (torch.exp(delta) - delta - 1).clamp(max=KL_CAP)
