@@ -7,7 +7,7 @@ from torch import nn
 
 from vlm import MiniMindConfig, MiniMindForCausalLM
 from vlm.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAConfig, LoRALinear, add_lora, count_parameters,
-                      find_targets, load_adapter, lora_trainable, mark_only_lora_trainable, merge_adapter,
+                      find_targets, load_adapter, lora_layers, lora_trainable, mark_only_lora_trainable, merge_adapter,
                       merge_and_unload, save_adapter, set_active_adapter, unmerge_adapter)
 
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -211,3 +211,46 @@ def test_replay_spreads_distinct_base_samples_over_the_run():
     assert values.count(3) == 32  # the new data fills the rest, each sample equally often
     # without a known run length: ratio * len(new) base samples, once
     assert len(with_replay(new, base, ratio=0.5, total=None, seed=0)) == 15
+
+
+def test_replay_kl_holds_replayed_rows_to_the_base_and_trains_only_the_adapter():
+    import torch.nn.functional as F
+
+    from data.collate import pad_collate
+    from training.lm_stage import causal_lm_loss
+    from training.lora import Tagged, replay_kl_loss
+    model = tiny_model()
+    add_lora(model, LoRAConfig(r=4, lora_alpha=8, target_modules=ALL_PROJ))
+    mark_only_lora_trainable(model)
+    g = torch.Generator().manual_seed(3)
+    rows = [{"input_ids": torch.randint(4, 256, (n,), generator=g)} for n in (9, 12, 7)]
+    for r in rows:
+        r["labels"] = r["input_ids"].clone()
+        r["labels"][:3] = -100  # a prompt
+    items = [Tagged([rows[0]], False)[0], Tagged([rows[1]], True)[0], Tagged([rows[2]], True)[0]]
+    batch = pad_collate(items)
+    loss = replay_kl_loss()
+    # a fresh adapter is the base: the replayed rows cost nothing, the new row its plain CE
+    fresh = loss(model, batch)
+    new_only = causal_lm_loss(model, pad_collate([{k: v for k, v in items[0].items() if k != "replay"}]))
+    assert fresh.metrics["replay_kl"] == 0.0
+    assert torch.allclose(fresh.loss_sum, new_only.loss_sum, atol=1e-5)
+    assert fresh.count == sum(int((r["labels"][1:] != -100).sum()) for r in rows)
+    # a trained adapter: the replay term is KL(base || adapted) on the replayed rows' supervised positions
+    randomize_adapter(model, scale=0.2)
+    out = loss(model, batch)
+    new_only_ce = causal_lm_loss(model, pad_collate([{k: v for k, v in items[0].items() if k != "replay"}])).loss_sum
+    want = new_only_ce
+    for r in rows[1:]:
+        keep = r["labels"][1:] != -100
+        adapted = F.log_softmax(model(input_ids=r["input_ids"][None]).logits[0, :-1][keep], -1)
+        set_active_adapter(model, None)
+        base = F.log_softmax(model(input_ids=r["input_ids"][None]).logits[0, :-1][keep], -1)
+        set_active_adapter(model, "default")
+        want = want + (base.exp() * (base - adapted)).sum()
+    assert out.metrics["replay_kl"] > 0 and torch.allclose(out.loss_sum, want, rtol=1e-4)
+    assert not torch.allclose(out.loss_sum, new_only_ce)
+    out.loss_sum.backward()
+    assert all(((p.grad is not None) == (".lora_" in n)) for n, p in model.named_parameters() if p.requires_grad)
+    assert all(p.grad is None for n, p in model.named_parameters() if ".lora_" not in n)
+    assert all(layer.active_adapter == "default" for _, layer in lora_layers(model))  # switched back on

@@ -77,3 +77,15 @@ def test_missing_posttrain_data_is_seeded_like_the_world(tmp_path):
     written = (world / "posttrain" / "lora_train.jsonl").read_text()
     assert written == (same / "posttrain" / "lora_train.jsonl").read_text()
     assert written != (other / "posttrain" / "lora_train.jsonl").read_text()
+
+
+def test_lora_cli_with_replay_kl_trains_the_adapter_against_the_base(run):
+    from training.lora import main as lora_main
+    root, _ = run
+    out = root / "lora_kl"
+    summary = lora_main(["--data", str(root / "world"), "--init", str(root / "sft"), "--out", str(out),
+                         "--preset", "micro", "--max-steps", "12", "--replay-kl", "1"])
+    assert (out / "adapter_model.safetensors").is_file() and summary["adapter_ratio"] <= 0.05
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    kl = [r["replay_kl"] for r in logged if "replay_kl" in r]
+    assert kl and all(k >= 0 for k in kl) and kl[-1] > 0  # the adapter moved off the base on replayed rows

@@ -93,8 +93,9 @@ def build_model(args, preset: dict, tokenizer) -> MiniMindForCausalLM:
     return MiniMindForCausalLM(cfg)
 
 
-def with_pretrain_replay(dataset, data_file: Path, tokenizer, args):
-    """`dataset` plus `args.replay_pretrain` pretrain documents (DATA/pretrain.jsonl) per sample, when asked."""
+def with_pretrain_replay(dataset, data_file: Path, tokenizer, args, wrap=None):
+    """`dataset` plus `args.replay_pretrain` pretrain documents (DATA/pretrain.jsonl) per sample, when asked
+    (`wrap`, if given, is applied to the replayed documents' dataset)."""
     replay_file = data_file.parent / "pretrain.jsonl"
     if not args.replay_pretrain or not replay_file.is_file() or replay_file == data_file:
         return dataset
@@ -104,7 +105,8 @@ def with_pretrain_replay(dataset, data_file: Path, tokenizer, args):
     replay = PretrainDataset(replay_file, tokenizer, args.max_len)
     n = min(len(replay), int(args.replay_pretrain * len(dataset)))
     picked = torch.randperm(len(replay), generator=torch.Generator().manual_seed(args.seed))[:n].tolist()
-    return ConcatDataset([dataset, Subset(replay, picked)])
+    replayed = Subset(replay, picked)
+    return ConcatDataset([dataset, wrap(replayed) if wrap else replayed])
 
 
 def run_lm_stage(stage: str, dataset_cls, data_name: str, argv: list[str] | None, description: str) -> dict:

@@ -5,6 +5,13 @@ adapter trains (`vlm.lora`), a little base-domain SFT data (`--replay`) and pret
 (`--replay-pretrain`) are replayed so the adapter does not overwrite what the base knew. The output
 folder is an adapter folder (peft format: `adapter_model.safetensors` + `adapter_config.json`) plus
 the tokenizer; `--merged-out DIR` also writes a plain full model with the adapter folded in.
+
+`--replay-kl 1` trains the replayed base samples towards the base model's own next-token
+distribution instead of their labels (self-distillation, as in Learning without Forgetting): the
+base is the same model with the adapter switched off, so it costs one no-grad forward of the
+replayed rows and no second copy of the weights. The labels say only which token came next; the
+base's distribution says everything it would have predicted, so the adapter is held to the base's
+behaviour on base-domain text and free to change the new domain's.
 """
 from __future__ import annotations
 
@@ -12,12 +19,13 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from training.trainer import Trainer
+from training.trainer import LossOutput, Trainer
 from vlm import MiniMindForCausalLM
 from vlm.lora import (LoRAConfig, add_lora, count_parameters, load_adapter, lora_trainable, merge_and_unload,
-                      save_adapter)
+                      save_adapter, set_active_adapter)
 
 
 def parse_targets(spec: str) -> list[str] | str:
@@ -55,6 +63,50 @@ def with_replay(new: Dataset, base: Dataset, ratio: float, total: int | None, se
     return ConcatDataset([new] * reps + [Subset(base, torch.randperm(len(base), generator=g)[:n_base].tolist())])
 
 
+class Tagged(Dataset):
+    """`dataset`'s items plus `"replay": tensor(flag)`, so a loss can tell replayed base samples apart."""
+
+    def __init__(self, dataset: Dataset, replay: bool):
+        self.dataset, self.flag = dataset, torch.tensor(int(replay))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.dataset[i], "replay": self.flag}
+
+
+def replay_kl_loss(adapter_name: str = "default"):
+    """Loss for a batch of `Tagged` samples: next-token CE on the new data's supervised positions plus,
+    on the replayed rows' supervised positions, KL(base || adapted) summed over the vocabulary, where
+    the base is the same model with the adapter switched off (no grad)."""
+    def loss(model, batch: dict) -> LossOutput:
+        ids, mask, pos = batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids")
+        replay = batch["replay"].bool()
+        hidden, _, aux = model.model(ids, mask, pos)
+        labels = batch["labels"][:, 1:]
+        keep = labels != -100
+        logits = model.lm_head(hidden[:, :-1][keep]).float()
+        from_replay = replay[:, None].expand_as(keep)[keep]
+        total = F.cross_entropy(logits[~from_replay], labels[keep][~from_replay], reduction="sum")
+        kl = torch.zeros((), device=logits.device)
+        if from_replay.any():
+            with torch.no_grad():
+                set_active_adapter(model, None)
+                try:
+                    rows = lambda t: None if t is None else t[replay]
+                    base_hidden, _, _ = model.model(ids[replay], rows(mask), rows(pos))
+                    base_logp = F.log_softmax(model.lm_head(base_hidden[:, :-1][keep[replay]]).float(), -1)
+                finally:
+                    set_active_adapter(model, adapter_name)
+            # same positions in the same (row-major) order as logits[from_replay]
+            kl = (base_logp.exp() * (base_logp - F.log_softmax(logits[from_replay], -1))).sum()
+        n_replay = int(from_replay.sum())
+        return LossOutput(loss_sum=total + kl, count=int(keep.sum()), aux=aux,
+                          metrics={"replay_kl": float(kl.detach()) / max(n_replay, 1)})
+    return loss
+
+
 def load_with_adapter(base_dir: str | Path, adapter_dir: str | Path, adapter_name: str = "default") -> MiniMindForCausalLM:
     """A base checkpoint with a saved adapter on top (active)."""
     model = MiniMindForCausalLM.from_pretrained(str(base_dir))
@@ -75,6 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help='comma-separated module names (suffix match), "all-linear", or a regex (full match)')
     p.add_argument("--adapter-name", default="default")
     p.add_argument("--replay", type=float, help="base-domain SFT samples mixed in, as a fraction of the new data")
+    p.add_argument("--replay-kl", type=int, choices=(0, 1), default=0,
+                   help="1: replayed base samples learn the base model's distribution (KL), not their labels")
     p.add_argument("--merged-out", help="also write the merged full model here")
     args, _ = parse_stage(p, "lora", argv)
     if not args.init:
@@ -86,16 +140,20 @@ def main(argv: list[str] | None = None) -> dict:
     base_n, lora_n = count_parameters(model, args.adapter_name)
     print(f"[lora] {len(names)} layers wrapped; adapter {lora_n:,} params = {100 * lora_n / base_n:.2f}% of base {base_n:,}")
 
-    dataset = SFTDataset(posttrain_file(args.data, "lora_train.jsonl"), tokenizer, args.max_len)
+    new_tag, base_tag = ((lambda d: Tagged(d, False)), (lambda d: Tagged(d, True))) if args.replay_kl \
+        else ((lambda d: d), (lambda d: d))
+    dataset = new_tag(SFTDataset(posttrain_file(args.data, "lora_train.jsonl"), tokenizer, args.max_len))
     base_sft = Path(args.data) / "sft.jsonl"
     if args.replay and base_sft.is_file():
         total = args.max_steps * args.batch_size * args.grad_accum if args.max_steps else None
-        dataset = with_replay(dataset, SFTDataset(base_sft, tokenizer, args.max_len), args.replay, total, args.seed)
+        base = base_tag(SFTDataset(base_sft, tokenizer, args.max_len))
+        dataset = with_replay(dataset, base, args.replay, total, args.seed)
     # The base SFT data restates only the facts it asks about; the rest live in the pretrain documents.
-    dataset = with_pretrain_replay(dataset, base_sft, tokenizer, args)
+    dataset = with_pretrain_replay(dataset, base_sft, tokenizer, args, wrap=base_tag)
     from data.collate import pad_collate
 
-    trainer = Trainer(model, dataset, pad_collate, causal_lm_loss, config_from_args(args),
+    loss_fn = replay_kl_loss(args.adapter_name) if args.replay_kl else causal_lm_loss
+    trainer = Trainer(model, dataset, pad_collate, loss_fn, config_from_args(args),
                       trainable=lora_trainable(args.adapter_name), save_fn=adapter_saver(tok_dir, args.adapter_name))
     summary = trainer.train() | {"adapter_params": lora_n, "base_params": base_n, "adapter_ratio": lora_n / base_n}
     if args.merged_out:  # the model was trained in place: fold the adapter in and save a plain checkpoint
