@@ -11,7 +11,8 @@ distribution instead of their labels (self-distillation, as in Learning without 
 base is the same model with the adapter switched off, so it costs one no-grad forward of the
 replayed rows and no second copy of the weights. The labels say only which token came next; the
 base's distribution says everything it would have predicted, so the adapter is held to the base's
-behaviour on base-domain text and free to change the new domain's.
+behaviour on base-domain text and free to change the new domain's. Off in the presets: on the tiny
+seed-7 LM it lost as many held-out base questions as label replay (3.0-4.0 vs 1.0-5.0 pts, 3 seeds).
 """
 from __future__ import annotations
 
