@@ -141,16 +141,18 @@ def main(argv: list[str] | None = None) -> dict:
     base_n, lora_n = count_parameters(model, args.adapter_name)
     print(f"[lora] {len(names)} layers wrapped; adapter {lora_n:,} params = {100 * lora_n / base_n:.2f}% of base {base_n:,}")
 
-    new_tag, base_tag = ((lambda d: Tagged(d, False)), (lambda d: Tagged(d, True))) if args.replay_kl \
-        else ((lambda d: d), (lambda d: d))
-    dataset = new_tag(SFTDataset(posttrain_file(args.data, "lora_train.jsonl"), tokenizer, args.max_len))
+    def replayed(d: Dataset) -> Dataset:  # the KL loss tells the replayed rows apart by their tag
+        return Tagged(d, True) if args.replay_kl else d
+
+    dataset = SFTDataset(posttrain_file(args.data, "lora_train.jsonl"), tokenizer, args.max_len)
+    dataset = Tagged(dataset, False) if args.replay_kl else dataset
     base_sft = Path(args.data) / "sft.jsonl"
     if args.replay and base_sft.is_file():
         total = args.max_steps * args.batch_size * args.grad_accum if args.max_steps else None
-        base = base_tag(SFTDataset(base_sft, tokenizer, args.max_len))
-        dataset = with_replay(dataset, base, args.replay, total, args.seed)
+        dataset = with_replay(dataset, replayed(SFTDataset(base_sft, tokenizer, args.max_len)), args.replay, total,
+                              args.seed)
     # The base SFT data restates only the facts it asks about; the rest live in the pretrain documents.
-    dataset = with_pretrain_replay(dataset, base_sft, tokenizer, args, wrap=base_tag)
+    dataset = with_pretrain_replay(dataset, base_sft, tokenizer, args, wrap=replayed)
     from data.collate import pad_collate
 
     loss_fn = replay_kl_loss(args.adapter_name) if args.replay_kl else causal_lm_loss
