@@ -269,3 +269,47 @@ def test_glance_token_follows_the_patch_tokens_and_sees_the_whole_grid(tokenizer
     assert loaded.config.projector_glance and loaded.config.num_image_tokens == 17
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, logits)
+
+
+def test_bidirectional_image_attention_sees_the_whole_image_but_not_the_next_one(tokenizer, tmp_path):
+    lm, encoder = tiny_lm(len(tokenizer)), VisionEncoder.from_open_clip("minimind-clip-micro")
+    causal = MiniMindVLM.from_lm(lm, encoder).eval()
+    model = MiniMindVLM.from_lm(lm, encoder, image_attention="bidirectional").eval()
+    proc = VLMProcessor.from_config(model.config, tokenizer)
+    n = model.num_image_tokens
+    batch = proc(messages=[[{"role": "user", "content": "<image> and <image> colour?"}],
+                           [{"role": "user", "content": "a much longer question first <image> colour?"}]],
+                 images=[[image(1), image(2)], [image(3)]])
+    ids = batch["input_ids"]
+    blocks = model.image_blocks(ids)
+    assert blocks[0][ids[0] == IMAGE_ID].tolist() == [1] * n + [2] * n
+    assert blocks[1][ids[1] == IMAGE_ID].tolist() == [1] * n and int(blocks[ids != IMAGE_ID].abs().sum()) == 0
+    assert causal.image_blocks(ids) is None
+    with torch.no_grad():
+        features = model.vision(batch["pixel_values"])
+        changed = features.clone()
+        changed[0, -1] += 3.0  # the last patch of the first image only
+        slots = (ids[0] == IMAGE_ID).nonzero().flatten()
+        for m, sees_later in ((causal, False), (model, True)):
+            before = m(input_ids=ids, attention_mask=batch["attention_mask"], image_features=features).logits[0]
+            after = m(input_ids=ids, attention_mask=batch["attention_mask"], image_features=changed).logits[0]
+            moved = (after - before).abs().amax(-1) > 1e-5
+            assert bool(moved[slots[0]]) is sees_later  # the first patch sees the last one only bidirectionally
+            assert not moved[:slots[0]].any()  # text before the image never sees it
+            assert moved[-1]  # the question after it does
+        changed = features.clone()
+        changed[1] += 3.0  # the second image: the first image's tokens still must not see it
+        before = model(input_ids=ids, attention_mask=batch["attention_mask"], image_features=features).logits[0]
+        after = model(input_ids=ids, attention_mask=batch["attention_mask"], image_features=changed).logits[0]
+        moved = (after - before).abs().amax(-1) > 1e-5
+        assert not moved[slots[:n]].any() and moved[slots[n:]].all()
+    kw = dict(max_new_tokens=5, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    cached = model.generate(**batch, use_cache=True, **kw)[:, ids.shape[1]:]
+    uncached = model.generate(**batch, use_cache=False, **kw)[:, ids.shape[1]:]
+    fast = model.fast_generate(ids, pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
+                               max_new_tokens=5, eos_token_id=-1)
+    assert torch.equal(cached, uncached) and torch.equal(cached, fast)
+    model.save_pretrained(tmp_path)
+    assert MiniMindVLM.from_pretrained(tmp_path).config.image_attention == "bidirectional"
+    with pytest.raises(ValueError, match="image_attention"):
+        MiniMindVLM.from_lm(lm, encoder, image_attention="sideways")

@@ -77,9 +77,11 @@ def test_sft_with_several_questions_per_image_and_pixel_shuffle(setup, tmp_path)
     common = ["--data", str(world), "--preset", "micro", "--max-steps", "2", "--batch-size", "4", "--device", "cpu",
               "--dtype", "fp32"]
     pretrain_vlm.main([*common, "--feature-cache", str(tmp_path / "cache"), "--init", str(root / "lm"),
-                       "--out", str(tmp_path / "pre"), "--vision", "minimind-clip-tiny", "--projector-shuffle", "2"])
+                       "--out", str(tmp_path / "pre"), "--vision", "minimind-clip-tiny", "--projector-shuffle", "2",
+                       "--image-attention", "bidirectional"])
     # the cache holds the encoder's 64 patches per image; the LM sees 16 shuffled tokens
-    assert MiniMindVLM.from_pretrained(tmp_path / "pre").config.num_image_tokens == 16
+    pre = MiniMindVLM.from_pretrained(tmp_path / "pre").config
+    assert pre.num_image_tokens == 16 and pre.image_attention == "bidirectional"
     # the grouped copy lives in OUT: images, feature cache and eval questions must still come from DATA
     summary = sft_vlm.main([*common, "--init", str(tmp_path / "pre"), "--out", str(tmp_path / "sft"),
                             "--eval-n", "4", "--turns-per-image", "4"])
@@ -89,14 +91,17 @@ def test_sft_with_several_questions_per_image_and_pixel_shuffle(setup, tmp_path)
     assert summary["vlm.vqa_n"] == 4 and (tmp_path / "sft" / "vqa.json").is_file()
 
 
-def test_vlm_loss_on_answer_positions_equals_the_full_logits_loss(setup):
-    """The head runs on supervised positions only; loss and gradients equal the `labels=` loss."""
+@pytest.mark.parametrize("image_attention", ["causal", "bidirectional"])
+def test_vlm_loss_on_answer_positions_equals_the_full_logits_loss(setup, image_attention):
+    """The head runs on supervised positions only; loss and gradients equal the `labels=` loss
+    (with bidirectional image attention too: the stage's loss builds the same mask as `forward`)."""
     from data.vlm_datasets import VLMDataset, open_source, vlm_collate
 
     root, world = setup
     tok = load_tokenizer(root / "lm")
     model = MiniMindVLM.from_lm(vlm.MiniMindForCausalLM.from_pretrained(root / "lm"),
-                                VisionEncoder.from_open_clip("minimind-clip-micro"), projector_shuffle=2).double()
+                                VisionEncoder.from_open_clip("minimind-clip-micro"), projector_shuffle=2,
+                                image_attention=image_attention).double()
     data = VLMDataset(open_source(world / "vlm_sft.jsonl", str(world / "images")), tok, model.num_image_tokens, 64,
                       preprocess=model.vision.preprocess)
     batch = vlm_collate([data[i] for i in range(6)])

@@ -2,6 +2,7 @@
 
 `python -m training.pretrain_vlm --data DIR_OR_FILE --out DIR --init LM_OR_VLM_DIR --vision ENCODER
  [--freeze projector] [--projector linear|mlp] [--projector-positions 0|1] [--projector-norm 0|1] [--projector-glance 0|1]
+ [--image-attention causal|bidirectional]
  [--preset tiny] ...`
 
 --init: an LM checkpoint folder (a new VLM is built around it: LM weights copied, new projector)
@@ -34,7 +35,7 @@ from training.lm_stage import resolve_data_file, supervised_head_loss
 from training.freeze import POLICIES, apply_freeze, trainable_predicate
 from training.trainer import LossOutput, Trainer
 from vlm import MiniMindForCausalLM
-from vlm.configuration_vlm import MiniMindVLMConfig, PROJECTOR_TYPES
+from vlm.configuration_vlm import IMAGE_ATTENTION, MiniMindVLMConfig, PROJECTOR_TYPES
 from vlm.feature_cache import FeatureCache
 from vlm.modeling_vlm import MiniMindVLM
 from vlm.processor import VLMProcessor
@@ -67,7 +68,8 @@ def vlm_loss(model, batch: dict) -> LossOutput:
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values", "image_features")
               if batch.get(k) is not None}
     embeds = model.embed_inputs(inputs["input_ids"], inputs.get("pixel_values"), inputs.get("image_features"))
-    hidden, _, aux = model.model(attention_mask=inputs.get("attention_mask"), inputs_embeds=embeds)
+    hidden, _, aux = model.model(attention_mask=inputs.get("attention_mask"), inputs_embeds=embeds,
+                                 bidirectional_blocks=model.image_blocks(inputs["input_ids"]))
     out = supervised_head_loss(model, hidden, batch["labels"], aux)
     out.metrics = {"images": float(len(inputs.get("image_features", inputs.get("pixel_values", ()))))}
     return out
@@ -83,7 +85,8 @@ def load_encoder(vision: str, pretrained: str | None = None) -> VisionEncoder:
 
 def build_vlm(init: str, vision: str | None, vision_pretrained: str | None, projector: str,
               projector_positions: bool = False, projector_shuffle: int = 1,
-              projector_norm: bool = False, projector_glance: bool = False) -> MiniMindVLM:
+              projector_norm: bool = False, projector_glance: bool = False,
+              image_attention: str = "causal") -> MiniMindVLM:
     """Continue a MiniMind-V folder, or wrap an LM folder with the named encoder and a new projector."""
     config = AutoConfig.from_pretrained(init)
     if isinstance(config, MiniMindVLMConfig):
@@ -98,7 +101,8 @@ def build_vlm(init: str, vision: str | None, vision_pretrained: str | None, proj
     return MiniMindVLM.from_lm(lm, load_encoder(vision, vision_pretrained), projector,
                                vision_pretrained=vision_pretrained or (vision if Path(vision).is_dir() else None),
                                projector_positions=projector_positions, projector_shuffle=projector_shuffle,
-                               projector_norm=projector_norm, projector_glance=projector_glance)
+                               projector_norm=projector_norm, projector_glance=projector_glance,
+                               image_attention=image_attention)
 
 
 # -- data --------------------------------------------------------------------------------------------
@@ -139,6 +143,8 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
                    help="for a new VLM: 1 adds one image token, a linear map of the whole patch grid")
     p.add_argument("--projector-shuffle", type=int, default=1,
                    help="for a new VLM: pixel shuffle factor f; f x f neighbouring patches make one image token")
+    p.add_argument("--image-attention", choices=IMAGE_ATTENTION, default="causal",
+                   help="for a new VLM: bidirectional lets an image's tokens see each other (PaliGemma)")
     p.add_argument("--freeze", choices=POLICIES, help=f"what trains (default: {STAGES[stage]['freeze']})")
     p.add_argument("--images", help="folder the image paths are relative to (default: DATA/images)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: --init)")
@@ -172,7 +178,8 @@ def run_vlm_stage(stage: str, argv: list[str] | None, description: str,
 
     torch.manual_seed(args.seed)
     model = build_vlm(args.init, args.vision, args.vision_pretrained, args.projector, bool(args.projector_positions),
-                      args.projector_shuffle, bool(args.projector_norm), bool(args.projector_glance))
+                      args.projector_shuffle, bool(args.projector_norm), bool(args.projector_glance),
+                      args.image_attention)
     tok_dir = Path(args.tokenizer or args.init)
     tokenizer = load_tokenizer(tok_dir)
     data_file = resolve_data_file(args.data, spec["data_file"])

@@ -15,6 +15,12 @@ Vision fields:
 - `projector_norm`: an RMSNorm after the projection, its gain at the LM's word-embedding scale;
 - `projector_shuffle` (f, default 1): pixel shuffle factor; f x f neighbouring patches make one token;
 - `projector_glance`: one more image token, a linear map of the whole patch grid;
+- `image_attention`: `causal` (every token sees only earlier ones) or `bidirectional` (an image's
+  tokens also see each other, PaliGemma's prefix attention: a patch can compare itself with the
+  patches after it, which relational questions such as "the shortest bar" need). Off in the
+  pipeline: on tiny (seed 42, same LM and CLIP) VQA was 0.69 either way and the shortest bar 2 of 18;
+  a ridge probe reads the shortest bar's colour at 0.95 from the projected image tokens, 0.80-0.85
+  from their hidden states in the LM, and 0.53-0.61 from the answer position, causal or not;
 - `vision_hidden_size` (D): read from the encoder; `num_image_tokens` (N): the encoder's patch count
   divided by f^2 (+ 1 with the glance token), the image tokens the LM sees; the processor writes N
   placeholder ids per `<image>`.
@@ -25,6 +31,7 @@ from .configuration_minimind import MiniMindConfig
 from .tokenizer import IMAGE_ID
 
 PROJECTOR_TYPES = ("linear", "mlp")
+IMAGE_ATTENTION = ("causal", "bidirectional")
 
 
 class MiniMindVLMConfig(MiniMindConfig):
@@ -43,11 +50,15 @@ class MiniMindVLMConfig(MiniMindConfig):
         projector_shuffle: int = 1,
         projector_norm: bool = False,
         projector_glance: bool = False,
+        image_attention: str = "causal",
         image_token_id: int = IMAGE_ID,
         **kwargs,
     ):
         if projector_type not in PROJECTOR_TYPES:
             raise ValueError(f"projector_type must be one of {PROJECTOR_TYPES}, got {projector_type!r}")
+        if image_attention not in IMAGE_ATTENTION:
+            raise ValueError(f"image_attention must be one of {IMAGE_ATTENTION}, got {image_attention!r}")
+        self.image_attention = image_attention
         self.vision_model_name = vision_model_name
         self.vision_model_cfg = vision_model_cfg
         self.vision_preprocess_cfg = vision_preprocess_cfg

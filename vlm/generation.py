@@ -173,12 +173,15 @@ def fast_generate(
     streamer=None,
     on_token: Callable[[torch.Tensor], None] | None = None,
     generator: torch.Generator | None = None,
+    bidirectional_blocks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode up to `max_new_tokens` after a (left-padded) prompt; returns the new ids [B, <=N].
 
     Finished rows (after `eos_token_id`) keep emitting eos so the batch stays rectangular.
     `streamer` is anything with HF's `put(ids)`/`end()` (e.g. `TextIteratorStreamer`).
-    `inputs_embeds` (e.g. with image features spliced in) replaces the prompt's token embeddings.
+    `inputs_embeds` (e.g. with image features spliced in) replaces the prompt's token embeddings;
+    `bidirectional_blocks` [B, T] marks prompt tokens that see each other (an image's, see
+    `MiniMindModel.attention_mask_4d`).
     """
     cfg = model.config
     core = model.model
@@ -195,7 +198,8 @@ def fast_generate(
     else:
         mask, positions = None, torch.arange(t, device=input_ids.device)[None].expand(b, -1)
     hidden, _, _ = core(None if inputs_embeds is not None else input_ids,
-                        mask[:, :t] if padded else None, positions, cache, inputs_embeds)
+                        mask[:, :t] if padded else None, positions, cache, inputs_embeds,
+                        bidirectional_blocks=bidirectional_blocks)
     logits = model.lm_head(hidden[:, -1])
     new_positions = positions[:, -1:] + torch.arange(1, max_new_tokens + 1, device=input_ids.device)
     # The lean step covers plain inference; dropout in training mode, autocast and slow-bf16 CPUs

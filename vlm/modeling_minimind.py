@@ -292,12 +292,18 @@ class MiniMindModel(MiniMindPreTrainedModel):
 
     @staticmethod
     def attention_mask_4d(attention_mask: torch.Tensor | None, q_len: int, past: int, device,
-                          documents: torch.Tensor | None = None) -> torch.Tensor | None:
+                          documents: torch.Tensor | None = None,
+                          bidirectional_blocks: torch.Tensor | None = None) -> torch.Tensor | None:
         """Boolean [B, 1, q, k] mask (True = attend), or None when plain causal attention suffices.
 
         `documents` [B, q] (packed rows, no cache): a document number per token; tokens attend only
-        within their own document."""
-        if documents is None and (attention_mask is None or bool(attention_mask.all())):
+        within their own document. `bidirectional_blocks` [B, q] (no cache): a block number per token
+        (0: none); the tokens of one block also see each other's later tokens, as an image's patches
+        do in PaliGemma and Gemma 3 (`token_type_ids`)."""
+        if bidirectional_blocks is not None and not bool(bidirectional_blocks.any()):
+            bidirectional_blocks = None
+        if documents is None and bidirectional_blocks is None and \
+                (attention_mask is None or bool(attention_mask.all())):
             if past == 0 or q_len == 1:
                 return None  # SDPA's is_causal (or attend-to-all for a single new token)
             attention_mask = None
@@ -307,6 +313,11 @@ class MiniMindModel(MiniMindPreTrainedModel):
         allowed = (k_pos <= q_pos)[None, None]  # [1, 1, q, k] causal
         if documents is not None:
             allowed = allowed & (documents[:, None, :, None] == documents[:, None, None, :])
+        if bidirectional_blocks is not None:
+            if past:
+                raise ValueError("bidirectional_blocks needs the whole prompt in one pass (no KV cache yet)")
+            blocks = bidirectional_blocks[:, None]
+            allowed = allowed | ((blocks[..., :, None] == blocks[..., None, :]) & (blocks[..., :, None] > 0))
         if attention_mask is None:
             return allowed
         keys = attention_mask[:, -k_len:].bool()[:, None, None, :]
@@ -323,7 +334,7 @@ class MiniMindModel(MiniMindPreTrainedModel):
         return starts.long().cumsum(-1)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None):
+                inputs_embeds=None, use_cache=None, bidirectional_blocks: torch.Tensor | None = None):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -342,7 +353,7 @@ class MiniMindModel(MiniMindPreTrainedModel):
                 position_ids = torch.arange(past, past + t, device=x.device)[None].expand(b, -1)
         cos, sin = self.rotary(position_ids, x.dtype if not torch.is_autocast_enabled(x.device.type)
                                else torch.get_autocast_dtype(x.device.type))
-        mask = self.attention_mask_4d(attention_mask, t, past, x.device, documents)
+        mask = self.attention_mask_4d(attention_mask, t, past, x.device, documents, bidirectional_blocks)
         x = self.dropout(x)
         aux_total = None
         for layer in self.layers:
@@ -388,7 +399,8 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
     ) -> MoeCausalLMOutputWithPast:
         if past_key_values is None:  # transformers >= 5.24 passes the cache as `cache`
             past_key_values = kwargs.pop("cache", None)
-        hidden, cache, aux = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache)
+        hidden, cache, aux = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+                                        bidirectional_blocks=kwargs.pop("bidirectional_blocks", None))
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)

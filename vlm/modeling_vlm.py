@@ -71,12 +71,13 @@ class MiniMindVLM(MiniMindForCausalLM):
     def from_lm(cls, lm: MiniMindForCausalLM, vision: VisionEncoder, projector_type: str = "linear",
                 vision_pretrained: str | None = None, projector_positions: bool = False,
                 projector_shuffle: int = 1, projector_norm: bool = False,
-                projector_glance: bool = False) -> "MiniMindVLM":
+                projector_glance: bool = False, image_attention: str = "causal") -> "MiniMindVLM":
         """A VLM around a trained LM (weights copied) and an encoder; only the projector is new."""
         config = MiniMindVLMConfig.from_text_config(lm.config, projector_type=projector_type,
                                                     projector_positions=projector_positions,
                                                     projector_shuffle=projector_shuffle, projector_norm=projector_norm,
-                                                    projector_glance=projector_glance, vision_pretrained=vision_pretrained)
+                                                    projector_glance=projector_glance, vision_pretrained=vision_pretrained,
+                                                    image_attention=image_attention)
         model = cls(config, vision=vision)
         result = model.load_state_dict(lm.state_dict(), strict=False)
         missing = [k for k in result.missing_keys if not k.startswith(("vision.", "projector."))]
@@ -131,11 +132,21 @@ class MiniMindVLM(MiniMindForCausalLM):
         projected = self.project_images(pixel_values, image_features)
         return embeds.masked_scatter(slots.unsqueeze(-1), projected.to(embeds.dtype))
 
+    def image_blocks(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """`[B, T]` image number (1, 2, ... within each row) of every placeholder id, 0 elsewhere: the
+        blocks that attend bidirectionally; None when `config.image_attention` is causal."""
+        if self.config.image_attention != "bidirectional":
+            return None
+        slots = input_ids == self.config.image_token_id
+        rank = slots.long().cumsum(-1) - 1  # the slot's index among the row's slots
+        return torch.where(slots, rank.div(self.config.num_image_tokens, rounding_mode="floor") + 1, 0)
+
     # -- forward / generation -----------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int = 0,
                 pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None, **kwargs):
         if inputs_embeds is None and input_ids is not None:
+            kwargs["bidirectional_blocks"] = self.image_blocks(input_ids)
             # Always through embed_inputs, even without images: placeholder ids without images are an error.
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_features)
             input_ids = None
@@ -162,7 +173,8 @@ class MiniMindVLM(MiniMindForCausalLM):
         Takes the same sampling/streaming arguments (`max_new_tokens`, `temperature`, `streamer`, ...).
         """
         embeds = self.embed_inputs(input_ids, pixel_values, image_features)
-        return lean_generate(self, input_ids, attention_mask=attention_mask, inputs_embeds=embeds, **kwargs)
+        return lean_generate(self, input_ids, attention_mask=attention_mask, inputs_embeds=embeds,
+                             bidirectional_blocks=self.image_blocks(input_ids), **kwargs)
 
 
 def check_image_slots(slots: torch.Tensor, n_images: int, n_per_image: int) -> None:
