@@ -203,18 +203,18 @@ def caption(scene: Scene, lang: str) -> str:
             return f"图片上写着{'数字' if is_digit else '单词'}“{scene.text}”"
         return f"the {'number' if is_digit else 'word'} \"{scene.text}\""
     if scene.kind == "chart":
-        tallest = _tallest(scene)
+        tallest = tallest_bar(scene)
         if zh:
             return f"有{len(scene.bars)}根柱子的柱状图，{COLOURS[tallest][1]}柱子最高"
         return f"a bar chart with {len(scene.bars)} bars, the {tallest} bar is the tallest"
     raise ValueError(scene.kind)
 
 
-def _tallest(scene: Scene) -> str:
+def tallest_bar(scene: Scene) -> str:
     return max(zip(scene.bar_colours, scene.bars), key=lambda cb: cb[1][1])[0]
 
 
-def _shortest(scene: Scene) -> str:
+def shortest_bar(scene: Scene) -> str:
     return min(zip(scene.bar_colours, scene.bars), key=lambda cb: cb[1][1])[0]
 
 
@@ -256,8 +256,8 @@ def questions(scene: Scene, rng: random.Random, lang: str) -> list[tuple[str, st
         qs.append(("text", "图片上写的是什么？" if zh else "What is written in the image?", scene.text))
     elif scene.kind == "chart":
         qs += [
-            ("chart", "哪根柱子最高？" if zh else "Which bar is the tallest?", cn(_tallest(scene))),
-            ("chart", "哪根柱子最矮？" if zh else "Which bar is the shortest?", cn(_shortest(scene))),
+            ("chart", "哪根柱子最高？" if zh else "Which bar is the tallest?", cn(tallest_bar(scene))),
+            ("chart", "哪根柱子最矮？" if zh else "Which bar is the shortest?", cn(shortest_bar(scene))),
             ("chart", "图中有几根柱子？" if zh else "How many bars are in the chart?", str(len(scene.bars))),
         ]
     return qs

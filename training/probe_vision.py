@@ -1,12 +1,19 @@
 """What a frozen vision encoder's patch tokens hold: linear (ridge) probes on fresh synthetic scenes.
 
 `python -m training.probe_vision --vision CLIP_DIR_OR_NAME [--train 1500] [--test 300]`
+`python -m training.probe_vision --vlm VLM_DIR ...`
 
-For each question a scene answers (position and shape of a single shape, the word of a text scene),
-the probe fits a ridge classifier on `--train` fresh training-split scenes and scores `--test` others,
-once on the flattened patch tokens of every layer (slot-specific weights: what the tokens hold at all)
-and once on their mean (one weight vector for every slot, the kind of readout attention does easily).
-If a probe is high and the VLM's answers are low, the VLM is not reading what the encoder gives it.
+For each question a scene answers (position and shape of a single shape, the word of a text scene,
+the colour of a chart's shortest bar), the probe fits a ridge classifier on `--train` fresh
+training-split scenes and scores `--test` others, once on the flattened patch tokens of every layer
+(slot-specific weights: what the tokens hold at all) and once on their mean (one weight vector for
+every slot, the kind of readout attention does easily). If a probe is high and the VLM's answers
+are low, the VLM is not reading what the encoder gives it.
+
+`--vlm` follows the same information through a trained MiniMind-V, with the question asked: the
+projected image tokens (`projected`), the image tokens' hidden states after each LM layer
+(`lm_<k>_image`) and the hidden state at the position that predicts the answer (`lm_<k>_answer`).
+Where the accuracy falls between two of them is where the VLM loses what it was given.
 Prints JSON: `{question: {feature: accuracy}}` plus the chance level of each question.
 """
 from __future__ import annotations
@@ -20,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from data.scenes import POSITIONS, SHAPES, WORDS, Scene, sample_scene
+from data.scenes import COLOURS, POSITIONS, SHAPES, WORDS, Scene, sample_scene, shortest_bar
 from data.scenes_render import render
 from vlm.vision import VisionEncoder
 
@@ -28,7 +35,10 @@ QUESTIONS: dict[str, tuple[str, Callable[[Scene], int], int]] = {  # name -> (sc
     "position": ("single", lambda s: list(POSITIONS).index(s.objects[0].position), len(POSITIONS)),
     "shape": ("single", lambda s: list(SHAPES).index(s.objects[0].shape), len(SHAPES)),
     "word": ("text", lambda s: WORDS.index(s.text), len(WORDS)),
+    "shortest_bar": ("chart", lambda s: list(COLOURS).index(shortest_bar(s)), len(COLOURS)),
 }
+PROMPTS = {"position": "Where is the shape?", "shape": "What shape is shown?",  # what --vlm asks
+           "word": "What is written in the image?", "shortest_bar": "Which bar is the shortest?"}
 
 
 def ridge_accuracy(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
@@ -64,15 +74,52 @@ def layer_features(encoder: VisionEncoder, images: list, batch_size: int = 100) 
     return {name: torch.cat(parts) for name, parts in outputs.items()}
 
 
+@torch.inference_mode()
+def vlm_features(model, processor, images: list, question: str, batch_size: int = 100) -> dict[str, torch.Tensor]:
+    """`{"projected", "lm_<k>_image": [B, N*H], "lm_<k>_answer": [B, H]}` of a MiniMind-V asked `question`."""
+    outputs: dict[str, list[torch.Tensor]] = {}
+    captured: dict[int, torch.Tensor] = {}
+    layers = model.model.layers
+    hooks = [l.register_forward_hook(lambda m, i, o, k=k: captured.__setitem__(k, o[0])) for k, l in enumerate(layers)]
+    try:
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            batch = processor(messages=[[{"role": "user", "content": f"<image>\n{question}"}]] * len(chunk),
+                              images=[[im] for im in chunk])
+            slots = batch["input_ids"][0] == model.config.image_token_id  # same prompt: same slots in every row
+            features = {"projected": model.project_images(batch["pixel_values"])}
+            model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
+            for k, hidden in sorted(captured.items()):
+                features[f"lm_{k}_image"], features[f"lm_{k}_answer"] = hidden[:, slots], hidden[:, -1]
+            for name, f in features.items():
+                outputs.setdefault(name, []).append(f.reshape(len(f), -1).float())
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: torch.cat(parts) for name, parts in outputs.items()}
+
+
 def probe(encoder: VisionEncoder, n_train: int = 1500, n_test: int = 300, seed: int = 0) -> dict:
-    size = encoder.image_size
+    """Probes of the encoder's patch tokens (every layer, and their mean)."""
+    return _probe(lambda images, name: layer_features(encoder, images), encoder.image_size, n_train, n_test, seed)
+
+
+def probe_vlm(model, processor, n_train: int = 1500, n_test: int = 300, seed: int = 0) -> dict:
+    """Probes along a MiniMind-V: projected image tokens, then each LM layer's image and answer states."""
+    model.eval()
+    return _probe(lambda images, name: vlm_features(model, processor, images, PROMPTS[name]),
+                  model.vision.image_size, n_train, n_test, seed)
+
+
+def _probe(featurize: Callable[[list, str], dict[str, torch.Tensor]], size: int, n_train: int, n_test: int,
+           seed: int) -> dict:
     report: dict = {}
     for name, (kind, label, classes) in QUESTIONS.items():
         rng_train, rng_test = random.Random(f"probe-{seed}-{name}-train"), random.Random(f"probe-{seed}-{name}-test")
         train = [sample_scene(rng_train, "train", kind) for _ in range(n_train)]
         test = [sample_scene(rng_test, "train", kind) for _ in range(n_test)]
-        f_train = layer_features(encoder, [render(s, size) for s in train])
-        f_test = layer_features(encoder, [render(s, size) for s in test])
+        f_train = featurize([render(s, size) for s in train], name)
+        f_test = featurize([render(s, size) for s in test], name)
         y_train, y_test = torch.tensor([label(s) for s in train]), torch.tensor([label(s) for s in test])
         report[name] = {feat: round(ridge_accuracy(f_train[feat], y_train, f_test[feat], y_test, classes), 3)
                         for feat in f_train}
@@ -82,14 +129,22 @@ def probe(encoder: VisionEncoder, n_train: int = 1500, n_test: int = 300, seed: 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m training.probe_vision", description=__doc__.splitlines()[0])
-    p.add_argument("--vision", required=True, help="a CLIP checkpoint folder (training.pretrain_clip) or an open_clip name")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--vision", help="a CLIP checkpoint folder (training.pretrain_clip) or an open_clip name")
+    what.add_argument("--vlm", help="a MiniMind-V folder: probe its projected tokens and LM hidden states")
     p.add_argument("--train", type=int, default=1500, help="fresh scenes the probe is fitted on, per question")
     p.add_argument("--test", type=int, default=300, help="fresh scenes it is scored on, per question")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    encoder = (VisionEncoder.from_open_clip(pretrained=args.vision) if Path(args.vision).is_dir()
-               else VisionEncoder.from_open_clip(args.vision))
-    report = probe(encoder, args.train, args.test, args.seed)
+    if args.vlm:
+        from vlm.modeling_vlm import MiniMindVLM
+        from vlm.processor import VLMProcessor
+        report = probe_vlm(MiniMindVLM.from_pretrained(args.vlm), VLMProcessor.from_pretrained(args.vlm),
+                           args.train, args.test, args.seed)
+    else:
+        encoder = (VisionEncoder.from_open_clip(pretrained=args.vision) if Path(args.vision).is_dir()
+                   else VisionEncoder.from_open_clip(args.vision))
+        report = probe(encoder, args.train, args.test, args.seed)
     print(json.dumps(report, indent=2))
     return report
 
