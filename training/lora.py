@@ -6,6 +6,11 @@ adapter trains (`vlm.lora`), a little base-domain SFT data (`--replay`) and pret
 folder is an adapter folder (peft format: `adapter_model.safetensors` + `adapter_config.json`) plus
 the tokenizer; `--merged-out DIR` also writes a plain full model with the adapter folded in.
 
+`--targets` picks the wrapped linears (default: q/k/v/o and the MLP). The tiny preset wraps the MLP
+only (rank 12): a new domain of facts needs the feed-forward layers, where a transformer keeps its
+facts, and leaving attention to the base keeps its reading of passages; on the seed-7 LM that halved
+the base-domain loss (see `training.posttrain_pipeline`).
+
 `--replay-kl 1` trains the replayed base samples towards the base model's own next-token
 distribution instead of their labels (self-distillation, as in Learning without Forgetting): the
 base is the same model with the adapter switched off, so it costs one no-grad forward of the

@@ -44,8 +44,15 @@ STAGE_DEFAULTS: dict[str, dict[str, dict]] = {
         # 5.0 / 3.1 / +48, 3.0 / 3.1 / +58. replay_kl=1 (replayed rows distilled from the base, KL 0.003 a
         # token at the end) 3.0 / 2.5 / +53, 4.0 / 3.4 / +57, 3.0 / 2.8 / +50; 300 steps 0.0 / 0.9 / +26,
         # 2.0 / 2.5 / +38, 7.5 / 5.3 / +39.
-        "lora": dict(max_steps=500, batch_size=16, lr=3e-3, warmup_steps=20, rank=8, alpha=16.0, replay=1.0,
-                     replay_pretrain=1.0),
+        # targets: the MLP only (rank 12, alpha 24: 3.97% of the base), not q/k/v/o + MLP at rank 8. The new
+        # facts go where feed-forward layers keep facts, and the attention that reads passages stays the
+        # base's (2026-12-05, drop on 200 / 320 base questions, gain): seed-7 LM, LoRA seeds 42, 0, 1, 2, 3:
+        # 3.0 / 2.8 / +49, 0.0 / 0.0 / +53, 1.5 / 0.9 / +45, 1.0 / 0.9 / +45, 0.5 / 1.6 / +45, mean 1.2 / 1.25
+        # (all modules at rank 8, seeds 42, 1, 2, 3: 2.5, 1.0 / 0.6, 5.0 / 3.1, 3.0 / 3.1, mean 2.9); seed-42
+        # LM, seeds 42, 1: -1.5 / -1.3 / +45, -1.5 / -1.3 / +44. MLP at rank 8 (2.65%): seed-7 drops 1.5, -0.5,
+        # 2.5, 2.5, 0.0 (seeds 0, 1, 2, 3, 42), but seed 42's LM gained only +39 with LoRA seed 1.
+        "lora": dict(max_steps=500, batch_size=16, lr=3e-3, warmup_steps=20, rank=12, alpha=24.0, replay=1.0,
+                     replay_pretrain=1.0, targets="gate_proj,up_proj,down_proj"),
         # dpo trains the final RMSNorm's gains only. The held-out pairs ask facts DPO never saw, and what
         # transfers to them is confidence in what the model already knows: scaling that norm by 1.1-2
         # (a lower temperature) alone gives held-out pref. acc 0.96 and leaves greedy answers as they are.
