@@ -18,9 +18,11 @@ Vision fields:
 - `image_attention`: `causal` (every token sees only earlier ones) or `bidirectional` (an image's
   tokens also see each other, PaliGemma's prefix attention: a patch can compare itself with the
   patches after it, which relational questions such as "the shortest bar" need). Off in the
-  pipeline: on tiny (seed 42, same LM and CLIP) VQA was 0.69 either way and the shortest bar 2 of 18;
-  a ridge probe reads the shortest bar's colour at 0.95 from the projected image tokens, 0.80-0.85
-  from their hidden states in the LM, and 0.53-0.61 from the answer position, causal or not;
+  pipeline: on tiny (seed 42, same LM and CLIP) VQA was 0.69 either way and the shortest bar 2 of 18.
+  Ridge probes (`training.probe_vision --vlm`) read its colour at 0.93 from the projected image
+  tokens, 0.77-0.78 from the image tokens' states in the LM and 0.52-0.55 at the answer position
+  (causal; bidirectional 0.80-0.85 and 0.59-0.61): the answer fails to gather it either way.
+  Only `input_ids` say where the images are: a forward from `inputs_embeds` alone is causal;
 - `vision_hidden_size` (D): read from the encoder; `num_image_tokens` (N): the encoder's patch count
   divided by f^2 (+ 1 with the glance token), the image tokens the LM sees; the processor writes N
   placeholder ids per `<image>`.
