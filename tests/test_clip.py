@@ -44,17 +44,24 @@ def test_unknown_model_and_bad_checkpoint_are_clear_errors(tmp_path):
         load_clip("local-dir:" + str(tmp_path))
 
 
+class Fixed(torch.nn.Module):
+    """Stands in for open_clip.CLIP in `clip_loss`: fixed features from both towers, scale 50."""
+
+    def __init__(self, img, txt):
+        super().__init__()
+        self.img, self.txt = torch.nn.Parameter(img), torch.nn.Parameter(txt)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(50.0).log())
+
+    def encode_image(self, images, normalize=False):
+        return torch.nn.functional.normalize(self.img, dim=-1) if normalize else self.img
+
+    def encode_text(self, texts):
+        return self.txt
+
+
 def test_clip_loss_counts_pairs_and_rewards_alignment():
     trainer = pytest.importorskip("training.trainer", reason="training.trainer not available yet")
     from training.pretrain_clip import clip_loss
-
-    class Fixed(torch.nn.Module):  # stands in for open_clip.CLIP's (image, text, scale) output
-        def __init__(self, img, txt):
-            super().__init__()
-            self.img, self.txt = torch.nn.Parameter(img), torch.nn.Parameter(txt)
-
-        def forward(self, images, texts):
-            return self.img, self.txt, torch.tensor(50.0)
 
     eye = torch.eye(4)
     aligned = clip_loss(Fixed(eye, eye), {"images": torch.zeros(4, 3, 8, 8), "texts": torch.zeros(4, 5)})
@@ -64,16 +71,35 @@ def test_clip_loss_counts_pairs_and_rewards_alignment():
     assert aligned.metrics["batch_i2t_acc"] == 1.0 and shuffled.metrics["batch_i2t_acc"] == 0.0
 
 
+def test_text_tower_on_the_trimmed_batch_equals_open_clips_full_context():
+    from training.pretrain_clip import clip_loss, encode_text_trimmed
+
+    torch.manual_seed(0)
+    model = load_clip("minimind-clip-tiny")[0].double()
+    tok = open_clip.get_tokenizer("minimind-clip-tiny")
+    texts = tok(["a red circle on the left", "左边有一个小的红色圆形，右边是蓝色正方形", 'the word "cat"'])
+    assert texts.shape[1] == 64 and int(texts.ne(0).sum(1).max()) < 60  # padding that the trim drops
+    full, trimmed = model.encode_text(texts), encode_text_trimmed(model, texts)
+    assert torch.allclose(full, trimmed, atol=1e-10)
+    # the stage's loss (trimmed text tower) equals open_clip's own forward, gradients included
+    images = torch.randn(3, 3, 64, 64, dtype=torch.float64)
+    ours = clip_loss(model, {"images": images, "texts": texts})
+    ours.loss_sum.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    img, txt, scale = model(images, texts)[:3]
+    logits = scale * img @ txt.T
+    target = torch.arange(3)
+    reference = 3 * (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)) / 2
+    reference.backward()
+    assert torch.allclose(ours.loss_sum, reference, atol=1e-10)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(grads[name], p.grad, atol=1e-9), name
+
+
 def test_hard_negatives_compete_for_the_image_only():
     from training.pretrain_clip import clip_loss, make_collate
-
-    class Fixed(torch.nn.Module):
-        def __init__(self, img, txt):
-            super().__init__()
-            self.img, self.txt = torch.nn.Parameter(img), torch.nn.Parameter(txt)
-
-        def forward(self, images, texts):
-            return self.img, self.txt, torch.tensor(50.0)
 
     eye, images = torch.eye(4), torch.zeros(2, 3, 8, 8)
     far = clip_loss(Fixed(eye[:2], eye), {"images": images, "texts": torch.zeros(4, 5)})

@@ -1,0 +1,92 @@
+"""One CLIP training step on the scene captions: open_clip's forward vs our trimmed text tower.
+
+`python bench/bench_clip_step.py [--rounds 6] [--steps 8] [--threads 2] [--batch 64]`
+
+Draws `tiny` training scenes (`data.scenes`, captions in English and Chinese, as
+`clip_pretrain.jsonl` mixes them), renders them, and times a full optimizer step (forward, backward,
+AdamW) of `minimind-clip-tiny` with the stage's symmetric contrastive loss:
+- `open_clip`: `model(images, texts)`: the text tower runs on every caption padded to the full
+  context (64 tokens);
+- `trimmed`: `training.pretrain_clip.clip_loss`: the same towers, the text batch cut to its longest
+  caption first (`encode_text_trimmed`; same features, tested).
+Contenders take turns (order alternates each round); each reports its median ms per step, and the
+speedup is the median of per-round ratios. Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from data.scenes import caption, sample_scene
+from data.scenes_render import render
+from training.pretrain_clip import clip_loss
+from vlm.vision import clip_eval_transform, load_clip
+
+
+def open_clip_loss(model, batch: dict) -> torch.Tensor:
+    image_features, text_features, scale = model(batch["images"], batch["texts"])[:3]
+    logits = scale * image_features @ text_features.T
+    target = torch.arange(len(logits))
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def ours_loss(model, batch: dict) -> torch.Tensor:
+    out = clip_loss(model, batch)
+    return out.loss_sum / out.count
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--steps", type=int, default=8, help="batches per contender per round")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = load_clip("minimind-clip-tiny")[0]
+    preprocess, _ = clip_eval_transform(model)
+    tokenizer = open_clip.get_tokenizer("minimind-clip-tiny")
+    rng = random.Random(0)
+    kinds = ["single", "pair", "count", "text", "chart"]
+    batches = []
+    for _ in range(args.steps):
+        scenes = [sample_scene(rng, "train", rng.choice(kinds)) for _ in range(args.batch)]
+        texts = [caption(s, rng.choice(["en", "zh"])) for s in scenes]
+        batches.append({"images": torch.stack([preprocess(render(s, 64)) for s in scenes]), "texts": tokenizer(texts)})
+    opt = torch.optim.AdamW(model.parameters(), 1e-4)
+
+    def run(loss_fn) -> float:
+        t0 = time.perf_counter()
+        for b in batches:
+            loss_fn(model, b).backward()
+            opt.step()
+            opt.zero_grad()
+        return (time.perf_counter() - t0) / len(batches) * 1e3
+
+    contenders = {"open_clip": open_clip_loss, "trimmed": ours_loss}
+    for fn in contenders.values():
+        run(fn)  # warm-up
+    ms: dict[str, list[float]] = {k: [] for k in contenders}
+    names = list(contenders)
+    for r in range(args.rounds):
+        for k in (names if r % 2 == 0 else names[::-1]):
+            ms[k].append(run(contenders[k]))
+    lengths = [int(b["texts"].ne(0).any(0).nonzero().max()) + 1 for b in batches]
+    report = {"threads": args.threads, "batch": args.batch, "rounds": args.rounds, "steps": args.steps,
+              "context": int(batches[0]["texts"].shape[1]), "trimmed_length_median": statistics.median(lengths),
+              "median_ms_per_step": {k: round(statistics.median(v), 1) for k, v in ms.items()},
+              "speedup_trimmed_vs_open_clip": round(statistics.median(o / t for o, t in zip(ms["open_clip"], ms["trimmed"])), 2)}
+    print(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
