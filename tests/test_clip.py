@@ -72,7 +72,8 @@ def test_clip_loss_counts_pairs_and_rewards_alignment():
 
 
 def test_text_tower_on_the_trimmed_batch_equals_open_clips_full_context():
-    from training.pretrain_clip import clip_loss, encode_text_trimmed
+    from training.pretrain_clip import clip_loss
+    from vlm.vision import encode_text_trimmed
 
     torch.manual_seed(0)
     model = load_clip("minimind-clip-tiny")[0].double()

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import open_clip
 import torch
-from open_clip.transformer import text_global_pool
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
@@ -40,7 +39,7 @@ from data.scenes import colourless_caption, hard_negative
 from training.cli import add_common_args, config_from_args
 from training.trainer import LossOutput, Trainer
 from vlm.images import load_image
-from vlm.vision import VisionEncoder, clip_eval_transform, load_clip, save_clip_checkpoint
+from vlm.vision import VisionEncoder, clip_eval_transform, encode_text_trimmed, load_clip, save_clip_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -115,30 +114,6 @@ def make_collate(tokenizer, hard_negatives: bool = False):
             captions += [neg for c in captions if (neg := hard_negative(c, rng)) is not None]
         return {"images": torch.stack([it["image"] for it in items]), "texts": tokenizer(captions)}
     return collate
-
-
-def encode_text_trimmed(model, text: torch.Tensor) -> torch.Tensor:
-    """`model.encode_text(text)` computed on the batch cut to its longest caption.
-
-    open_clip pads every caption to the full context (64 tokens for our configs; the scene captions
-    average 19) and runs the text tower on all of it. With a causal mask and end-of-text pooling the
-    padding after a caption's last token cannot change its features, so cutting it off gives the
-    same embeddings for less work. Other text towers (padding masks, class tokens, HF text models)
-    take open_clip's own path."""
-    plain = (isinstance(model, open_clip.CLIP) and getattr(model, "attn_mask", None) is not None
-             and model.text_pool_type in ("argmax", "eos") and text.dim() == 2)
-    if not plain:
-        return model.encode_text(text)
-    used = text.ne(0).any(0).nonzero()
-    length = int(used.max()) + 1 if len(used) else 1
-    text = text[:, :length]
-    cast_dtype = model.transformer.get_cast_dtype()
-    x = model.token_embedding(text).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
-    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
-    x = text_global_pool(x, text, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
-    if model.text_projection is None:
-        return x
-    return model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
 
 
 def clip_loss(model, batch: dict) -> LossOutput:

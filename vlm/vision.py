@@ -33,6 +33,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.transform import PreprocessCfg, image_transform_v2
+from open_clip.transformer import text_global_pool
 from safetensors.torch import save_file
 from torch import nn
 
@@ -109,6 +110,30 @@ def load_clip(model_name: str = DEFAULT_MODEL, pretrained: str | None = None, se
     else:
         model = open_clip.create_model(model_name, pretrained=str(pretrained))
     return model, model_name, model_cfg, model_name
+
+
+def encode_text_trimmed(model, text: torch.Tensor) -> torch.Tensor:
+    """`model.encode_text(text)` computed on the batch cut to its longest caption.
+
+    open_clip pads every caption to the full context (64 tokens for our configs; the scene captions
+    average 19) and runs the text tower on all of it. With a causal mask and end-of-text pooling the
+    padding after a caption's last token cannot change its features, so cutting it off gives the
+    same embeddings for less work. Other text towers (padding masks, class tokens, HF text models)
+    take open_clip's own path."""
+    plain = (isinstance(model, open_clip.CLIP) and getattr(model, "attn_mask", None) is not None
+             and model.text_pool_type in ("argmax", "eos") and text.dim() == 2)
+    if not plain:
+        return model.encode_text(text)
+    used = text.ne(0).any(0).nonzero()
+    length = int(used.max()) + 1 if len(used) else 1
+    text = text[:, :length]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(text).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
+    x = text_global_pool(x, text, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    if model.text_projection is None:
+        return x
+    return model.text_projection(x) if isinstance(model.text_projection, nn.Linear) else x @ model.text_projection
 
 
 class VisionEncoder(nn.Module):
@@ -241,6 +266,6 @@ class VisionEncoder(nn.Module):
         out = []
         for i in range(0, len(texts), batch_size):
             with torch.no_grad():
-                feats = clip.encode_text(self._tokenizer(list(texts[i:i + batch_size])).to(self.device))
+                feats = encode_text_trimmed(clip, self._tokenizer(list(texts[i:i + batch_size])).to(self.device))
             out.append(F.normalize(feats.float(), dim=-1))
         return torch.cat(out) if out else torch.empty(0)
