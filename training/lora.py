@@ -8,8 +8,8 @@ the tokenizer; `--merged-out DIR` also writes a plain full model with the adapte
 
 `--targets` picks the wrapped linears (default: q/k/v/o and the MLP). The tiny preset wraps the MLP
 only (rank 12): a new domain of facts needs the feed-forward layers, where a transformer keeps its
-facts, and leaving attention to the base keeps its reading of passages; on the seed-7 LM that halved
-the base-domain loss (see `training.posttrain_pipeline`).
+facts, and leaving attention to the base keeps its reading of passages; on the seed-7 LM that cut the
+base-domain loss from 2.9 to 1.2 pts on average over LoRA seeds (see `training.posttrain_pipeline`).
 
 `--replay-kl 1` trains the replayed base samples towards the base model's own next-token
 distribution instead of their labels (self-distillation, as in Learning without Forgetting): the
