@@ -22,8 +22,9 @@ import argparse
 import json
 import random
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -53,50 +54,55 @@ def ridge_accuracy(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.T
     return float((scores.argmax(1) == y_test).float().mean())
 
 
+@contextmanager
+def captured_outputs(modules, pick: Callable = lambda output: output) -> Iterator[dict[int, torch.Tensor]]:
+    """`{k: pick(output)}` of the k-th module's latest forward, kept up to date inside the block."""
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda _m, _i, o, k=k: captured.__setitem__(k, pick(o)))
+             for k, m in enumerate(modules)]
+    try:
+        yield captured
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _concat(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per-batch feature dicts -> one `[B, -1]` float tensor per feature."""
+    return {name: torch.cat([b[name].reshape(len(b[name]), -1).float() for b in batches]) for name in batches[0]}
+
+
 @torch.inference_mode()
 def layer_features(encoder: VisionEncoder, images: list, batch_size: int = 100) -> dict[str, torch.Tensor]:
     """`{"layer_i": [B, N*D], ..., "final": [B, N*D], "final_mean": [B, D]}` (class token dropped)."""
-    outputs: dict[str, list[torch.Tensor]] = {}
-    captured: dict[int, torch.Tensor] = {}
-    blocks = encoder.visual.transformer.resblocks
-    hooks = [b.register_forward_hook(lambda m, i, o, k=k: captured.__setitem__(k, o)) for k, b in enumerate(blocks)]
-    try:
+    batches = []
+    with captured_outputs(encoder.visual.transformer.resblocks) as captured:
         for start in range(0, len(images), batch_size):
             final = encoder(encoder.pixel_values(images[start:start + batch_size]))
             n = final.shape[1]
             feats = {f"layer_{k}": h[:, -n:] for k, h in captured.items()}  # the last N tokens are the patches
-            feats |= {"final": final, "final_mean": final.mean(1)}
-            for name, f in feats.items():
-                outputs.setdefault(name, []).append(f.reshape(len(f), -1).float())
-    finally:
-        for h in hooks:
-            h.remove()
-    return {name: torch.cat(parts) for name, parts in outputs.items()}
+            batches.append(feats | {"final": final, "final_mean": final.mean(1)})
+    return _concat(batches)
 
 
 @torch.inference_mode()
 def vlm_features(model, processor, images: list, question: str, batch_size: int = 100) -> dict[str, torch.Tensor]:
     """`{"projected", "lm_<k>_image": [B, N*H], "lm_<k>_answer": [B, H]}` of a MiniMind-V asked `question`."""
-    outputs: dict[str, list[torch.Tensor]] = {}
-    captured: dict[int, torch.Tensor] = {}
-    layers = model.model.layers
-    hooks = [l.register_forward_hook(lambda m, i, o, k=k: captured.__setitem__(k, o[0])) for k, l in enumerate(layers)]
-    try:
+    batches = []
+    with captured_outputs(model.model.layers, pick=lambda output: output[0]) as captured:
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
             batch = processor(messages=[[{"role": "user", "content": f"<image>\n{question}"}]] * len(chunk),
                               images=[[im] for im in chunk])
-            slots = batch["input_ids"][0] == model.config.image_token_id  # same prompt: same slots in every row
-            features = {"projected": model.project_images(batch["pixel_values"])}
-            model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
+            ids = batch["input_ids"]
+            slots = ids[0] == model.config.image_token_id  # same prompt: same slots in every row
+            embeds = model.embed_inputs(ids, batch["pixel_values"])  # encoder and projector run once
+            model.model(inputs_embeds=embeds, bidirectional_blocks=model.image_blocks(ids))
+            feats = {"projected": embeds[:, slots]}
             for k, hidden in sorted(captured.items()):
-                features[f"lm_{k}_image"], features[f"lm_{k}_answer"] = hidden[:, slots], hidden[:, -1]
-            for name, f in features.items():
-                outputs.setdefault(name, []).append(f.reshape(len(f), -1).float())
-    finally:
-        for h in hooks:
-            h.remove()
-    return {name: torch.cat(parts) for name, parts in outputs.items()}
+                feats[f"lm_{k}_image"], feats[f"lm_{k}_answer"] = hidden[:, slots], hidden[:, -1]
+            batches.append(feats)
+    return _concat(batches)
 
 
 def probe(encoder: VisionEncoder, n_train: int = 1500, n_test: int = 300, seed: int = 0) -> dict:

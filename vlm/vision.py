@@ -124,7 +124,7 @@ def encode_text_trimmed(model, text: torch.Tensor) -> torch.Tensor:
              and model.text_pool_type in ("argmax", "eos") and text.dim() == 2)
     if not plain:
         return model.encode_text(text)
-    used = text.ne(0).any(0).nonzero()
+    used = text.ne(0).any(0).nonzero()  # open_clip's tokenizers pad with 0; other pads just keep it all
     length = int(used.max()) + 1 if len(used) else 1
     text = text[:, :length]
     cast_dtype = model.transformer.get_cast_dtype()
