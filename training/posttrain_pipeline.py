@@ -69,6 +69,10 @@ STAGE_DEFAULTS: dict[str, dict[str, dict]] = {
         # questions: arithmetic EM 0.02, 3-person passage lookups 0.29, i.e. chance); 1200 gave 0.18 / 0.33.
         # Fresh traces (19200, each read once) instead of 2000 read ~10 times: no better (seed 42, 2026-12-05:
         # held-out EM 0.21 vs 0.215; at lr 3e-4 0.17), and GRPO from either still lost (-0.8 / -1.5 pts).
+        # 1200 more steps (lr 5e-4, seed 42, 2026-12-05): arithmetic 0.11 -> 0.20 of the held-out GRPO questions, lookups
+        # 0.40 -> 0.37. The traces name the asked person but take the place or count from another sentence as often as
+        # not (the right sentence quoted in 8 of 93): the model does not bind a name to its own sentence, and longer
+        # training memorises the training passages instead.
         "reason": dict(max_steps=1200, batch_size=16, lr=1e-3, warmup_steps=20),
         # grpo (seed 42, 2026-12-04, reward gain on held-out questions): this 30 x 4 prompts -0.4 pts; 150 x 4 at
         # lr 1e-4 / 3e-4 -2.0 / -5.4; 30 x 16 at lr 2e-5 / 6e-5 -0.4 / -0.5; 62 x 16 (one epoch) -1.7. On 8 fixed
