@@ -156,10 +156,15 @@ def decode_text(data: bytes) -> str:
     except UnicodeDecodeError:
         import charset_normalizer
 
-        best = charset_normalizer.from_bytes(data).best()
+        matches = charset_normalizer.from_bytes(data)
+        best = matches.best()
         if best is None:
             raise LoadError("binary content (no text encoding fits)") from None
-        text = str(best)
+        # Western European text often fits cp1250 and cp1252 equally well ("café crème brûlée": same chaos,
+        # same coherence), and charset_normalizer then returns cp1250, which turns è into č and û into ű.
+        # On a tie, take cp1252, the most common legacy encoding (the one WHATWG reads latin-1 labels as).
+        tied = [m for m in matches if m.encoding == "cp1252" and (m.chaos, m.coherence) == (best.chaos, best.coherence)]
+        text = str(tied[0] if tied else best)
     controls = sum(1 for c in text[:20000] if ord(c) < 32 and c not in "\t\n\r\f")
     if controls > 0.05 * min(len(text), 20000):
         raise LoadError("binary content (control characters), not text")
