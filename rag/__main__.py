@@ -37,7 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     pq.add_argument("--mmr", type=float, default=None, metavar="LAMBDA", help="MMR diversity (e.g. 0.7)")
     pq.add_argument("--json", action="store_true", help="print hits as JSON lines")
     args = p.parse_args(argv)
+    try:
+        return _run(args)
+    except OSError as e:  # a missing folder or index, an unreadable path: one line, not a traceback
+        p.exit(2, f"{p.prog}: error: {e}\n")
 
+
+def _run(args: argparse.Namespace) -> int:
     if args.cmd == "index":
         ingest = IngestConfig(max_file_bytes=int(args.max_file_mb * 2**20), ocr=not args.no_ocr)
         chunker = ChunkerConfig(args.chunk_size, args.chunk_overlap, args.chunk_unit)

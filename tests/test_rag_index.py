@@ -90,3 +90,14 @@ def test_cli_index_and_query(folder, tmp_path, capsys):
     assert manifest["embedder"]["kind"] == "hashed-ngram-lsa" and manifest["format_version"] == 1
     with pytest.raises(FileNotFoundError, match="not an index"):
         Index.open(tmp_path / "missing")
+
+
+def test_cli_names_a_missing_folder_or_index_in_one_line(tmp_path, capsys):
+    for argv, what in ((["query", "tea", "--index", str(tmp_path / "missing")], "not an index"),
+                       (["index", str(tmp_path / "no_docs"), "--index", str(tmp_path / "i")], "not a folder")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert what in err and str(tmp_path) in err and "Traceback" not in err
+    assert not (tmp_path / "i").exists()  # a failed first index leaves nothing behind
