@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     pq.add_argument("--mmr", type=float, default=None, metavar="LAMBDA", help="MMR diversity (e.g. 0.7)")
     pq.add_argument("--json", action="store_true", help="print hits as JSON lines")
     args = p.parse_args(argv)
+    if args.cmd == "query" and not args.query.strip():
+        p.error("the query is empty")
     try:
         return _run(args)
     except OSError as e:  # a missing folder or index, an unreadable path: one line, not a traceback

@@ -101,3 +101,6 @@ def test_cli_names_a_missing_folder_or_index_in_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert what in err and str(tmp_path) in err and "Traceback" not in err
     assert not (tmp_path / "i").exists()  # a failed first index leaves nothing behind
+    with pytest.raises(SystemExit):
+        cli(["query", "  ", "--index", str(tmp_path / "missing")])
+    assert "the query is empty" in capsys.readouterr().err
