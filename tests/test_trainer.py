@@ -53,7 +53,8 @@ def max_abs_diff(a: dict, b: dict) -> float:
 
 def test_resume_after_kill_equals_uninterrupted_run(world, tmp_path):
     # batch 32 makes a step slow enough (~0.1 s) that the kill lands between the checkpoint at 10 and the end
-    common = ("--max-steps", "20", "--batch-size", "32")
+    # --ema-decay: the weight average is part of the state; a resume that lost it would save a different model
+    common = ("--max-steps", "20", "--batch-size", "32", "--ema-decay", "0.9")
     run(pretrain_cmd(world, tmp_path / "straight", *common, "--save-every", "0"))
 
     killed = tmp_path / "killed"
@@ -138,6 +139,36 @@ def test_frozen_parameters_stay_bit_identical(tmp_path):
     after = model.state_dict()
     changed = {k for k in start if not torch.equal(start[k], after[k])}
     assert changed and all(".mlp." in k for k in changed), sorted(changed)
+
+
+def test_ema_saves_the_running_average_of_the_weights_it_trained(tmp_path):
+    seen = []  # the weights each step starts from: W0 .. W(N-1)
+
+    def recording_loss(model, batch):
+        seen.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        return causal_lm_loss(model, batch)
+
+    steps, decay = 8, 0.3  # the warm-up (1 + t) / (10 + t) is below 0.3 for t < 4, so both regimes show
+    model = tiny_model().double()
+    config = TrainConfig(out=str(tmp_path / "ema"), device="cpu", dtype="fp32", progress=False, lr=1e-2,
+                         max_steps=steps, batch_size=4, ema_decay=decay)
+    Trainer(model, random_samples(), collate, recording_loss, config,
+            trainable=lambda name, p: "embed" not in name).train()
+    # the same run without the average: the same trajectory, so its final weights are W(N)
+    plain = tiny_model().double()
+    config = TrainConfig(out=str(tmp_path / "plain"), device="cpu", dtype="fp32", progress=False, lr=1e-2,
+                         max_steps=steps, batch_size=4)
+    Trainer(plain, random_samples(), collate, causal_lm_loss, config, trainable=lambda name, p: "embed" not in name).train()
+    expected = dict(seen[0])
+    for t, w in enumerate(seen[1:] + [{n: p.detach() for n, p in plain.named_parameters()}]):
+        d = min(decay, (1 + t) / (10 + t))
+        expected = {n: d * expected[n] + (1 - d) * w[n] for n in expected}
+    got = {n: p.detach() for n, p in model.named_parameters()}
+    assert max(float((got[n] - expected[n]).abs().max()) for n in got) <= 1e-12
+    moved = [n for n in got if not torch.equal(got[n], plain.state_dict()[n])]
+    assert moved and all("embed" not in n for n in moved)  # the average differs from the last weights; frozen ones do not
+    saved = weights(tmp_path / "ema")
+    assert all(torch.equal(saved[n], got[n]) for n in saved if n in got)  # the file holds the average too
 
 
 def test_interrupted_state_write_keeps_the_previous_checkpoint(tmp_path):

@@ -2,9 +2,9 @@
 
 A stage supplies a model, a map-style dataset, a collate function and a loss function that returns
 a *summed* loss with its count (tokens, pairs, sequences); the Trainer owns everything else:
-device and bf16 autocast, gradient accumulation, clipping, a cosine schedule with warm-up, DDP
-under `torchrun`, the progress bar, `metrics.jsonl` + `loss.png`, optional wandb, and atomic
-checkpoints with exact `--resume`.
+device and bf16 autocast, gradient accumulation, clipping, a cosine schedule with warm-up, an optional
+exponential moving average of the weights (`ema_decay`), DDP under `torchrun`, the progress bar,
+`metrics.jsonl` + `loss.png`, optional wandb, and atomic checkpoints with exact `--resume`.
 
 Exactness is the design rule. Gradients of the summed losses are accumulated over the micro-batches
 of a step and over all ranks, then divided by the global count, so the update does not depend on
@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
 STATE_DIR = "trainer_state"
@@ -57,6 +57,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto | fp32 | bf16
     seed: int = 42
     wandb: str | None = None  # project name; None disables wandb
+    ema_decay: float = 0.0  # > 0: keep an exponential moving average of the trained weights; the saved model is it
     progress: bool = True
 
 
@@ -170,6 +171,9 @@ class Trainer:
         if self.world > 1:  # every rank starts from rank 0's weights
             for _, p in self.params:
                 dist.broadcast(p.data, src=0)
+        # Polyak/EMA averaging of the trained weights (as timm's ModelEmaV2): the finished model is the average,
+        # which smooths out the noise of the last updates. Frozen parameters are not averaged: they stay as they are.
+        self.ema = [p.detach().clone() for _, p in self.params] if config.ema_decay > 0 else None
         decay = [p for n, p in self.params if p.ndim >= 2]
         no_decay = [p for n, p in self.params if p.ndim < 2]  # norms and biases are not decayed
         groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -243,6 +247,11 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
+        if self.ema is not None:
+            # warm-up as in timm: early on the average follows the weights, decay (1 + t) / (10 + t) until ema_decay
+            decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
+            with torch.no_grad():
+                torch._foreach_lerp_(self.ema, [p for _, p in self.params], 1.0 - decay)
         row = {"step": self.step + 1, "loss": loss_sum * scale, "lr": lr, "grad_norm": grad_norm,
                "count": int(count), "tokens": int(tokens)}
         if aux_sum:
@@ -282,6 +291,8 @@ class Trainer:
             tmp.mkdir(parents=True)
             save_model(self.model, str(tmp / "model.safetensors"))
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            if self.ema is not None:
+                save_file({n: t.contiguous() for (n, _), t in zip(self.params, self.ema)}, str(tmp / "ema.safetensors"))
         self._barrier()
         (tmp / f"rng_rank{self.rank}.json").write_text(json.dumps(_rng_state()))
         self._barrier()
@@ -311,6 +322,12 @@ class Trainer:
         missing, unexpected = load_model(self.model, str(folder / "model.safetensors"), strict=True,
                                          device=str(self.device))
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=True))
+        if self.ema is not None:
+            if not (folder / "ema.safetensors").is_file():
+                raise SystemExit(f"--resume: {folder} holds no weight average; resume it without --ema-decay")
+            saved = load_file(str(folder / "ema.safetensors"), device=str(self.device))
+            for (n, _), t in zip(self.params, self.ema):
+                t.copy_(saved[n])
         rng_file = folder / f"rng_rank{self.rank}.json"
         if rng_file.is_file():
             _set_rng_state(json.loads(rng_file.read_text()))
@@ -381,6 +398,9 @@ class Trainer:
                     self.save_state()
         bar.close()
         wall = time.perf_counter() - t_start
+        if self.ema is not None:  # the finished model is the average, in memory as on disk
+            with torch.no_grad():
+                torch._foreach_copy_([p for _, p in self.params], self.ema)
         self.save_model()
         if self.is_main:
             plot_losses(metrics_path, self.out / "loss.png")
