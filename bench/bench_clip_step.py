@@ -18,7 +18,8 @@ import argparse
 import json
 import random
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import open_clip
 import torch
@@ -28,6 +29,9 @@ from data.scenes import caption, sample_scene
 from data.scenes_render import render
 from training.pretrain_clip import clip_loss
 from vlm.vision import clip_eval_transform, load_clip
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_timing import ms_per_step, take_turns  # noqa: E402
 
 
 def open_clip_loss(model, batch: dict) -> torch.Tensor:
@@ -63,22 +67,11 @@ def main(argv: list[str] | None = None) -> dict:
         batches.append({"images": torch.stack([preprocess(render(s, 64)) for s in scenes]), "texts": tokenizer(texts)})
     opt = torch.optim.AdamW(model.parameters(), 1e-4)
 
-    def run(loss_fn) -> float:
-        t0 = time.perf_counter()
-        for b in batches:
-            loss_fn(model, b).backward()
-            opt.step()
-            opt.zero_grad()
-        return (time.perf_counter() - t0) / len(batches) * 1e3
-
     contenders = {"open_clip": open_clip_loss, "trimmed": ours_loss}
     for fn in contenders.values():
-        run(fn)  # warm-up
-    ms: dict[str, list[float]] = {k: [] for k in contenders}
-    names = list(contenders)
-    for r in range(args.rounds):
-        for k in (names if r % 2 == 0 else names[::-1]):
-            ms[k].append(run(contenders[k]))
+        ms_per_step(model, opt, batches, fn)  # warm-up
+    ms = take_turns({k: (lambda fn=fn: ms_per_step(model, opt, batches, fn)) for k, fn in contenders.items()},
+                    args.rounds)
     lengths = [int(b["texts"].ne(0).any(0).nonzero().max()) + 1 for b in batches]
     report = {"threads": args.threads, "batch": args.batch, "rounds": args.rounds, "steps": args.steps,
               "context": int(batches[0]["texts"].shape[1]), "trimmed_length_median": statistics.median(lengths),

@@ -19,8 +19,8 @@ import argparse
 import json
 import random
 import statistics
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -31,6 +31,9 @@ from training.lm_stage import causal_lm_loss
 from training.presets import PRESETS
 from vlm import MiniMindConfig, MiniMindForCausalLM
 from vlm.tokenizer import load_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_timing import ms_per_step, take_turns  # noqa: E402
 
 
 def full_logits_loss(model, batch: dict) -> torch.Tensor:
@@ -82,24 +85,14 @@ def main(argv: list[str] | None = None) -> dict:
     model = MiniMindForCausalLM(MiniMindConfig(vocab_size=len(tok), **PRESETS["tiny"]["model"]))
     opt = torch.optim.AdamW(model.parameters(), 1e-4, fused=True)
 
-    def run(batches: list[dict], loss_fn) -> float:
-        t0 = time.perf_counter()
-        for b in batches:
-            loss_fn(model, b).backward()
-            opt.step()
-            opt.zero_grad()
-        return (time.perf_counter() - t0) / len(batches) * 1e3
-
     report: dict = {"threads": args.threads, "rounds": args.rounds, "steps": args.steps}
     names = list(contenders)
     for part, groups in items.items():
         batches = {k: [collate(g) for g in groups] for k, (collate, _) in contenders.items()}
         for k in names:
-            run(batches[k][:2], contenders[k][1])  # warm-up
-        ms: dict[str, list[float]] = {k: [] for k in names}
-        for r in range(args.rounds):
-            for k in names[r % len(names):] + names[:r % len(names)]:
-                ms[k].append(run(batches[k], contenders[k][1]))
+            ms_per_step(model, opt, batches[k][:2], contenders[k][1])  # warm-up
+        ms = take_turns({k: (lambda k=k: ms_per_step(model, opt, batches[k], contenders[k][1])) for k in names},
+                        args.rounds)
         report[part] = {
             "median_ms_per_step": {k: round(statistics.median(v), 1) for k, v in ms.items()},
             "tokens_per_step": {k: round(sum(b["input_ids"].numel() for b in batches[k]) / len(groups), 1) for k in names},
