@@ -9,7 +9,9 @@ Writes a `tiny` synthetic world and its tokenizer to a temporary folder (or read
   (logits for every position, padding included);
 - `packed256_full_logits`: documents packed into rows of 256 (our `pack_collate`), logits everywhere;
 - `packed256`: the same rows, `causal_lm_loss` (LM head on supervised positions only);
-- `packed128`: rows of 128 (`--pack-len 128`, the `tiny` preset), `causal_lm_loss`.
+- `packed128`: rows of 128 (`--pack-len 128`, the `tiny` preset), `causal_lm_loss`;
+- `packed128_compiled`: the same with the decoder layers compiled (`--compile`, `Trainer.compile_blocks`);
+- `packed128_compiled_bf16`: and under bf16 autocast (`--dtype bf16`; fast only on CPUs with AVX512-BF16/AMX).
 Contenders take turns (order rotates each round); each reports its median ms per step, and ratios
 are medians of per-round ratios against `hf_padded`. Prints one JSON object.
 """
@@ -29,6 +31,7 @@ from data.collate import pack_collate, pad_collate
 from data.datasets import PretrainDataset, SFTDataset
 from training.lm_stage import causal_lm_loss
 from training.presets import PRESETS
+from training.trainer import compile_blocks
 from vlm import MiniMindConfig, MiniMindForCausalLM
 from vlm.tokenizer import load_tokenizer
 
@@ -45,6 +48,11 @@ def full_logits_loss(model, batch: dict) -> torch.Tensor:
 def ours_loss(model, batch: dict) -> torch.Tensor:
     out = causal_lm_loss(model, batch)
     return out.loss_sum / out.count
+
+
+def bf16_loss(model, batch: dict) -> torch.Tensor:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return ours_loss(model, batch)
 
 
 def make_world(folder: Path) -> Path:
@@ -75,24 +83,34 @@ def main(argv: list[str] | None = None) -> dict:
         items = {"pretrain": [[pretrain[i] for i in rng.sample(range(len(pretrain)), 16)] for _ in range(args.steps)],
                  "sft": [[sft[i] for i in rng.sample(range(len(sft)), 16)]
                          + [pretrain[i] for i in rng.sample(range(len(pretrain)), 3)] for _ in range(args.steps)]}
-    contenders = {
-        "hf_padded": (pad_collate, full_logits_loss),
-        "packed256_full_logits": (lambda b: pack_collate(b, max_len), full_logits_loss),
-        "packed256": (lambda b: pack_collate(b, max_len), ours_loss),
-        "packed128": (lambda b: pack_collate(b, max_len, row_len=128), ours_loss),
+    contenders = {  # name -> (collate, loss, compiled model?)
+        "hf_padded": (pad_collate, full_logits_loss, False),
+        "packed256_full_logits": (lambda b: pack_collate(b, max_len), full_logits_loss, False),
+        "packed256": (lambda b: pack_collate(b, max_len), ours_loss, False),
+        "packed128": (lambda b: pack_collate(b, max_len, row_len=128), ours_loss, False),
+        "packed128_compiled": (lambda b: pack_collate(b, max_len, row_len=128), ours_loss, True),
+        "packed128_compiled_bf16": (lambda b: pack_collate(b, max_len, row_len=128), bf16_loss, True),
     }
-    torch.manual_seed(0)
-    model = MiniMindForCausalLM(MiniMindConfig(vocab_size=len(tok), **PRESETS["tiny"]["model"]))
-    opt = torch.optim.AdamW(model.parameters(), 1e-4, fused=True)
+    models = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = MiniMindForCausalLM(MiniMindConfig(vocab_size=len(tok), **PRESETS["tiny"]["model"]))
+        if compiled:
+            compile_blocks(model)
+        models[compiled] = (model, torch.optim.AdamW(model.parameters(), 1e-4, fused=True))
 
-    report: dict = {"threads": args.threads, "rounds": args.rounds, "steps": args.steps}
+    report: dict = {"threads": args.threads, "rounds": args.rounds, "steps": args.steps,
+                    "cpu_bf16_kernels": bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())}
     names = list(contenders)
     for part, groups in items.items():
-        batches = {k: [collate(g) for g in groups] for k, (collate, _) in contenders.items()}
+        batches = {k: [collate(g) for g in groups] for k, (collate, _, _) in contenders.items()}
+
+        def step(k: str, n: int | None = None) -> float:
+            _, loss, compiled = contenders[k]
+            return ms_per_step(*models[compiled], batches[k][:n], loss)
         for k in names:
-            ms_per_step(model, opt, batches[k][:2], contenders[k][1])  # warm-up
-        ms = take_turns({k: (lambda k=k: ms_per_step(model, opt, batches[k], contenders[k][1])) for k in names},
-                        args.rounds)
+            step(k, 4)  # warm-up (the compiled ones compile here)
+        ms = take_turns({k: (lambda k=k: step(k)) for k in names}, args.rounds)
         report[part] = {
             "median_ms_per_step": {k: round(statistics.median(v), 1) for k, v in ms.items()},
             "tokens_per_step": {k: round(sum(b["input_ids"].numel() for b in batches[k]) / len(groups), 1) for k in names},

@@ -33,6 +33,8 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--ema-decay", type=float, default=0.0,
                    help="save an exponential moving average of the trained weights with this decay (0: off)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model's decoder blocks (a one-off compile, then faster steps)")
     g.add_argument("--wandb", metavar="PROJECT", help="also log to this Weights & Biases project")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
     return p
@@ -44,4 +46,5 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, clip=args.clip,
                        save_every=args.save_every, log_every=args.log_every, resume=args.resume,
                        device=args.device, dtype=args.dtype, seed=args.seed, wandb=args.wandb, ema_decay=args.ema_decay,
+                       compile=args.compile,
                        progress=not args.no_progress)

@@ -164,10 +164,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--stages", default=",".join(GROUPS), help=f"comma-separated groups out of {','.join(GROUPS)}")
     p.add_argument("--device", default=None, help="passed to every training stage (cpu, cuda, auto)")
     p.add_argument("--dtype", default=None, help="passed to every training stage (fp32, bf16, auto)")
+    p.add_argument("--compile", action="store_true", help="passed to every training stage (torch.compile)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     extra = [f for flag, val in (("--device", args.device), ("--dtype", args.dtype)) if val for f in (flag, val)]
+    extra += ["--compile"] if args.compile else []
     timings_file = out / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.is_file() and not args.force else {}
     groups = tuple(g.strip() for g in args.stages.split(",") if g.strip())

@@ -3,7 +3,8 @@
 A stage supplies a model, a map-style dataset, a collate function and a loss function that returns
 a *summed* loss with its count (tokens, pairs, sequences); the Trainer owns everything else:
 device and bf16 autocast, gradient accumulation, clipping, a cosine schedule with warm-up, an optional
-exponential moving average of the weights (`ema_decay`), DDP under `torchrun`, the progress bar,
+exponential moving average of the weights (`ema_decay`), `torch.compile` of the model's decoder
+blocks (`compile`), DDP under `torchrun`, the progress bar,
 `metrics.jsonl` + `loss.png`, optional wandb, and atomic checkpoints with exact `--resume`.
 
 Exactness is the design rule. Gradients of the summed losses are accumulated over the micro-batches
@@ -20,6 +21,7 @@ frozen parameters have no gradient at all; none of that needs special cases this
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -36,6 +38,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
 STATE_DIR = "trainer_state"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,6 +61,7 @@ class TrainConfig:
     seed: int = 42
     wandb: str | None = None  # project name; None disables wandb
     ema_decay: float = 0.0  # > 0: keep an exponential moving average of the trained weights; the saved model is it
+    compile: bool = False  # torch.compile the model's decoder blocks (see `compile_blocks`)
     progress: bool = True
 
 
@@ -137,6 +141,23 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
+def compile_blocks(model: torch.nn.Module) -> list[str]:
+    """`torch.compile` in place (`Module.compile`: parameter names and checkpoints stay as they are) the
+    blocks a Hugging Face model names in `_no_split_modules` (our decoder layers, the VLM's too), with
+    dynamic shapes so that batches of other lengths reuse the graph. Blocks rather than the model
+    because stage losses call its parts (`model.model`, the projector), not only `forward`. A model
+    that names none (open_clip's CLIP) is left as it is: compiling its blocks made the tiny CLIP step
+    slower (82 vs 120 pairs/s). Returns the compiled modules' names."""
+    kinds = {n for m in model.modules() for n in getattr(m, "_no_split_modules", None) or ()}
+    blocks = [(name, m) for name, m in model.named_modules() if type(m).__name__ in kinds]
+    for _, block in blocks:
+        block.compile(dynamic=True)
+    if not blocks:
+        log.warning("--compile: %s names no blocks to compile (_no_split_modules); it runs eagerly",
+                    type(model).__name__)
+    return [name for name, _ in blocks]
+
+
 class Trainer:
     """Trains `model` on `dataset` with `loss_fn`; see the module docstring for the guarantees.
 
@@ -162,6 +183,8 @@ class Trainer:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.autocast_dtype = _resolve_dtype(config.dtype, self.device)
         self.model = model.to(self.device)
+        if config.compile:
+            compile_blocks(model)
         if trainable is not None:
             for name, p in model.named_parameters():
                 p.requires_grad_(bool(trainable(name, p)))

@@ -158,6 +158,8 @@ def sample_next(logits: torch.Tensor, seen: torch.Tensor | None, temperature: fl
     return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
 
 
+# The static cache is written in place, which blocks compiled for training (`--compile`) cannot trace: decode eagerly.
+@torch.compiler.set_stance("force_eager")
 @torch.inference_mode()
 def fast_generate(
     model: MiniMindForCausalLM,
