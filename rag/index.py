@@ -290,10 +290,11 @@ class Index:
         """Top-k chunks for `query`. mode: "bm25", "dense" or "hybrid" (fused over a shared candidate pool).
 
         Optional stages: `reranker` (rag.rerank) rescoring the top `rerank_k`, then MMR diversity.
+        A blank query finds nothing (`[]`), rather than k chunks that all score 0.
         """
         if mode not in ("bm25", "dense", "hybrid"):
             raise ValueError(f"mode must be bm25, dense or hybrid, not {mode!r}")
-        if not self.chunks:
+        if not self.chunks or not query.strip():
             return []
         pool = max(k, fetch_k if (mode == "hybrid" or reranker or mmr_lambda is not None) else k)
         cols: dict[str, np.ndarray] = {}

@@ -75,6 +75,7 @@ def test_index_persists_and_modes_agree(folder, tmp_path):
     assert not list((tmp_path / "idx").rglob("*.pkl"))
     with pytest.raises(ValueError, match="mode"):
         back.search("x", mode="sparse")
+    assert all(back.search(blank, mode=mode) == [] for blank in ("", " \n") for mode in ("bm25", "dense", "hybrid"))
 
 
 def test_cli_index_and_query(folder, tmp_path, capsys):
