@@ -9,14 +9,16 @@ file. Files are read once into memory, so the content hash and the parse see the
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import stat
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 TEXT_EXT = {".txt", ".md", ".markdown", ".rst", ".text", ".log", ".csv", ".tsv", ".json", ".jsonl"}
 HTML_EXT = {".html", ".htm", ".xhtml"}
@@ -226,12 +228,25 @@ def html_to_text(html: str) -> str:
     return text
 
 
+@contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Silence a library's logger (below ERROR) for the duration."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def load_pdf(data: bytes, config: IngestConfig) -> tuple[list[Page], list[str]]:
     """One Page per PDF page with text; pages without a text layer go through OCR of their images."""
     from pypdf import PdfReader
 
     try:
-        with warnings.catch_warnings():
+        # pypdf logs what it repairs or gives up on ("EOF marker not found"); the skip report says it once
+        with warnings.catch_warnings(), _quiet("pypdf"):
             warnings.simplefilter("ignore")
             reader = PdfReader(io.BytesIO(data))
             if reader.is_encrypted and not reader.decrypt(""):
@@ -290,7 +305,8 @@ def _open_image(data: bytes, config: IngestConfig):
     except Image.DecompressionBombError as e:  # PIL refuses > 2x its own limit before we see the size
         raise LoadError(f"image too large: {e}") from None
     except Exception as e:  # truncated data, unknown format
-        raise LoadError(f"corrupt or truncated image: {type(e).__name__}: {e}") from None
+        why = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))  # PIL names our in-memory buffer
+        raise LoadError(f"corrupt or truncated image: {type(e).__name__}: {why}") from None
     return im.convert("RGB")
 
 

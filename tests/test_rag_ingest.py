@@ -79,14 +79,19 @@ EXPECTED_SKIPS = {
 }
 
 
-def test_bad_folder_indexes_valid_files_and_reports_each_bad_one(tmp_path):
+def test_bad_folder_indexes_valid_files_and_reports_each_bad_one(tmp_path, caplog):
     root = tmp_path / "docs"
     make_bad_folder(root, tmp_path / "outside.txt")
+    (root / "not_an_image.png").write_bytes(b"plain text, not a picture")
+    (root / "stub.pdf").write_bytes(b"%PDF-1.4 cut off")  # pypdf logs "EOF marker not found" for it
     index = Index(tmp_path / "idx", ingest=IngestConfig(max_file_bytes=200_000, ocr=False))
     report = index.index_folder(root, progress=False)
     reasons = {s["path"]: s["reason"] for s in report["skipped"]}
     for path, words in EXPECTED_SKIPS.items():
         assert words in reasons.get(path, ""), (path, reasons.get(path))
+    # each bad file is reported once, in words: no library log lines, no object reprs
+    assert reasons["not_an_image.png"].endswith("cannot identify image file") and "corrupt PDF" in reasons["stub.pdf"]
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("pypdf")]
     assert set(index.files) == {"good.md", "report.pdf", "gbk.txt", "page.html"}
 
     index = Index.open(tmp_path / "idx")
