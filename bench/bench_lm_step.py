@@ -33,6 +33,7 @@ from training.lm_stage import causal_lm_loss
 from training.presets import PRESETS
 from training.trainer import compile_blocks
 from vlm import MiniMindConfig, MiniMindForCausalLM
+from vlm.modeling_minimind import _cpu_lacks_bf16_kernels
 from vlm.tokenizer import load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         models[compiled] = (model, torch.optim.AdamW(model.parameters(), 1e-4, fused=True))
 
     report: dict = {"threads": args.threads, "rounds": args.rounds, "steps": args.steps,
-                    "cpu_bf16_kernels": bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())}
+                    "cpu_bf16_kernels": not _cpu_lacks_bf16_kernels()}
     names = list(contenders)
     for part, groups in items.items():
         batches = {k: [collate(g) for g in groups] for k, (collate, _, _) in contenders.items()}
