@@ -99,15 +99,30 @@ def lora_domain(rng: random.Random, n_islands: int, reserved: list[tuple[str, st
 
 # ---------------------------------------------------------------- verifiable questions
 
+def column_step(a: int, op: str, b: int) -> str:
+    """`a op b` (both below 100, never negative) worked column by column from the units, the way
+    school sums are: "18 + 17: 8 + 7 = 15, 1 + 1 + 1 = 3, so 35." Our tokenizer splits numbers into
+    digits, so a direct "18 + 17 = 35" asks a tiny model to know 35's first digit before its last; in
+    columns every step is a one-digit fact with an explicit carry or borrow."""
+    (a1, a0), (b1, b0) = divmod(a, 10), divmod(b, 10)
+    if op == "+":
+        carry = (a0 + b0) // 10
+        return f"{a} + {b}: {a0} + {b0} = {a0 + b0}, {a1} + {b1} + {carry} = {a1 + b1 + carry}, so {a + b}."
+    borrow = int(a0 < b0)
+    top = a0 + 10 * borrow
+    return f"{a} - {b}: {top} - {b0} = {top - b0}, {a1} - {b1} - {borrow} = {a1 - b1 - borrow}, so {a - b}."
+
+
 def arithmetic(rng: random.Random, lang: str) -> tuple[str, str, str]:
-    """(question, reasoning, answer): 2-3 small operands, + and -, never negative on the way."""
+    """(question, reasoning, answer): 2-3 small operands, + and -, never negative on the way; the
+    reasoning works each operation in columns (`column_step`)."""
     terms = [rng.randint(1, 20)]
     steps, value = [], terms[0]
     for _ in range(rng.randint(1, 2)):
         op = rng.choice("+-") if value > 1 else "+"
         b = rng.randint(1, 20) if op == "+" else rng.randint(1, value)
         new = value + b if op == "+" else value - b
-        steps.append(f"{value} {op} {b} = {new}.")
+        steps.append(column_step(value, op, b))
         terms += [op, b]
         value = new
     expr = " ".join(map(str, terms))

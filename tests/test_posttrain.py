@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data.synth_posttrain import SCALES, arithmetic, passage_fact, write_posttrain_splits
+from data.synth_posttrain import SCALES, arithmetic, column_step, passage_fact, write_posttrain_splits
 from training.distill import kd_loss_terms, student_config
 from training.distill_reason import make_weighted_loss
 from training.grpo import group_advantages, grpo_objective
@@ -71,9 +71,29 @@ def test_generators_answer_correctly():
     rng = random.Random(0)
     for _ in range(50):
         q, why, ans = arithmetic(rng, "en")
-        assert why.endswith(f"= {ans}.") and int(ans) >= 0
+        assert why.endswith(f"so {ans}.") and int(ans) >= 0
         q, why, ans = passage_fact(rng, "zh")
         assert ans in q and ans in why
+
+
+def test_column_steps_hold_one_digit_facts_that_make_the_result():
+    for a in range(0, 100):
+        for op, bs in (("+", range(0, 100 - a)), ("-", range(0, a + 1))):
+            for b in bs:
+                head, work = column_step(a, op, b).split(": ")
+                assert head == f"{a} {op} {b}"
+                units, tens, result = work.rstrip(".").split(", ")
+                for eq in (units, tens):  # "8 + 7 = 15", "1 + 1 + 1 = 3", "11 - 3 = 8", "3 - 2 - 1 = 0"
+                    lhs, rhs = eq.split(" = ")
+                    toks = lhs.split()
+                    value = int(toks[0])
+                    for o, x in zip(toks[1::2], toks[2::2]):
+                        value = value + int(x) if o == "+" else value - int(x)
+                    assert value == int(rhs) and 0 <= value < 20, (a, op, b, eq)
+                assert units.split()[2] == str(b % 10) and tens.split()[0] == str(a // 10)
+                exact = a + b if op == "+" else a - b
+                assert result == f"so {exact}"
+                assert int(tens.split(" = ")[1]) * 10 + int(units.split(" = ")[1]) % 10 == exact
 
 
 def test_dpo_pairs_prefer_the_right_answer(splits):
