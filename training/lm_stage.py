@@ -35,11 +35,16 @@ def supervised_head_loss(model, hidden: torch.Tensor, labels: torch.Tensor, aux=
 
     Only supervised positions reach the LM head and its vocab-wide softmax: SFT masks about three
     quarters of its tokens (prompt, passage), a VQA sample ~35 prompt tokens for ~2 answer ones."""
+    ce, _ = supervised_token_ce(model, hidden, labels)
+    return LossOutput(loss_sum=ce.sum(), count=len(ce), aux=aux)
+
+
+def supervised_token_ce(model, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next-token CE, target id) of each supervised position, flattened; the LM head sees only those."""
     labels = labels.to(hidden.device)[:, 1:]
     keep = labels != -100
-    logits = model.lm_head(hidden[:, :-1][keep])
-    loss_sum = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
-    return LossOutput(loss_sum=loss_sum, count=int(keep.sum()), aux=aux)
+    targets = labels[keep]
+    return F.cross_entropy(model.lm_head(hidden[:, :-1][keep]).float(), targets, reduction="none"), targets
 
 
 def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
