@@ -171,6 +171,25 @@ def test_kd_loss_terms():
     assert torch.allclose(rkl, want_rkl, atol=1e-5) and not torch.allclose(rkl, kd_loss_terms(s, t, labels, 0.5, 1.0)[2])
 
 
+def test_kd_loss_of_a_packed_batch_equals_the_padded_one():
+    from data.collate import pack_collate, pad_collate
+    from training.distill import make_kd_loss
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=50, num_attention_heads=2, num_key_value_heads=1)
+    teacher = MiniMindForCausalLM(MiniMindConfig(hidden_size=32, num_hidden_layers=2, **cfg)).eval()
+    student = MiniMindForCausalLM(MiniMindConfig(hidden_size=16, num_hidden_layers=1, **cfg))
+    g = torch.Generator().manual_seed(1)
+    items = []
+    for n in (7, 12, 5, 9):  # prompt tokens unsupervised, as SFT samples are
+        ids = torch.randint(1, 50, (n,), generator=g)
+        items.append({"input_ids": ids, "labels": torch.cat([torch.full((n // 2,), -100), ids[n // 2:]])})
+    loss_fn = make_kd_loss(teacher, alpha=0.2, temperature=1.0)
+    padded, packed = loss_fn(student, pad_collate(items)), loss_fn(student, pack_collate(items, max_len=20))
+    assert packed.count == padded.count == sum(len(it["input_ids"]) - len(it["input_ids"]) // 2 for it in items)
+    assert torch.allclose(packed.loss_sum, padded.loss_sum, atol=1e-4) and padded.loss_sum > 0
+    assert packed.metrics["kl"] == pytest.approx(padded.metrics["kl"], abs=1e-5) and padded.metrics["kl"] > 0
+
+
 def test_student_is_at_most_a_quarter_of_the_teacher():
     teacher_cfg = MiniMindConfig(vocab_size=2048, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                                  num_key_value_heads=2, max_position_embeddings=256)

@@ -23,7 +23,7 @@ from vlm import MiniMindConfig, MiniMindForCausalLM
 def kd_loss_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
                   alpha: float, temperature: float, reverse: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(loss_sum, ce_sum, kl_sum, n_tokens) over supervised positions; logits [B, T, V] already shifted.
+    """(loss_sum, ce_sum, kl_sum, n_tokens) over supervised positions; logits [..., V] already shifted.
 
     `reverse` uses KL(student_T || teacher_T), mode-seeking as in MiniLLM (Gu et al. 2023), for
     students too small to cover the teacher's modes. At tiny it did not pay (400 steps, T=1: EM 0.19,
@@ -46,18 +46,22 @@ def kd_loss_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor | N
 
 
 def make_kd_loss(teacher: MiniMindForCausalLM | None, alpha: float, temperature: float, reverse: bool = False):
+    """The KD loss of a batch; both LM heads run on the supervised positions only (as in SFT), and a
+    packed batch's `position_ids` keep its samples apart in student and teacher alike."""
     def loss_fn(model, batch: dict) -> LossOutput:
-        ids, mask = batch["input_ids"], batch.get("attention_mask")
-        out = model(input_ids=ids, attention_mask=mask)
+        ids, mask, pos = batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids")
+        labels = batch["labels"].to(ids.device)[:, 1:]
+        keep = labels != -100
+        hidden, _, aux = model.model(ids, mask, pos)
         t_logits = None
         if teacher is not None and alpha < 1.0:
             if next(teacher.parameters()).device != ids.device:
                 teacher.to(ids.device)
             with torch.no_grad():
-                t_logits = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        loss, ce, kl, n = kd_loss_terms(out.logits[:, :-1], t_logits, batch["labels"][:, 1:], alpha, temperature,
-                                     reverse)
-        return LossOutput(loss_sum=loss, count=n, aux=out.aux_loss,
+                t_logits = teacher.lm_head(teacher.model(ids, mask, pos)[0][:, :-1][keep])
+        loss, ce, kl, n = kd_loss_terms(model.lm_head(hidden[:, :-1][keep]), t_logits, labels[keep], alpha,
+                                        temperature, reverse)
+        return LossOutput(loss_sum=loss, count=n, aux=aux,
                           metrics={"ce": ce.item() / max(n, 1), "kl": kl.item() / max(n, 1)})
     return loss_fn
 
@@ -78,10 +82,9 @@ def n_params(model) -> int:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from data.collate import pad_collate
     from data.datasets import SFTDataset
     from training.cli import config_from_args
-    from training.lm_stage import build_parser, with_pretrain_replay
+    from training.lm_stage import add_pack_args, build_parser, make_collate, with_pretrain_replay
     from training.posttrain_pipeline import load_init, parse_stage, saver, world_file
 
     p = build_parser("distill", __doc__.splitlines()[0])
@@ -93,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="KL(teacher||student) (Hinton) or KL(student||teacher) (mode-seeking)")
     p.add_argument("--student-scale", type=float, default=0.5,
                    help="student width/depth relative to the teacher (0.5 gives ~1/5 of the parameters at tiny)")
+    add_pack_args(p)
     args, _ = parse_stage(p, "distill", argv)
     teacher, tokenizer, tok_dir = load_init(args.teacher)
     teacher.eval().requires_grad_(False)
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     sft_file = world_file(args.data, "sft.jsonl")
     dataset = with_pretrain_replay(SFTDataset(sft_file, tokenizer, args.max_len), sft_file, tokenizer, args)
     loss_fn = make_kd_loss(teacher, args.alpha, args.temperature, reverse=args.divergence == "reverse")
-    trainer = Trainer(student, dataset, pad_collate, loss_fn, config_from_args(args), save_fn=saver(tok_dir))
+    trainer = Trainer(student, dataset, make_collate(args), loss_fn, config_from_args(args), save_fn=saver(tok_dir))
     summary = trainer.train() | {"student_params": n_params(student), "teacher_params": n_params(teacher),
                                  "param_ratio": ratio}
     print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float))}, indent=2))

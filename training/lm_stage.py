@@ -114,14 +114,25 @@ def with_pretrain_replay(dataset, data_file: Path, tokenizer, args, wrap=None):
     return ConcatDataset([dataset, wrap(replayed) if wrap else replayed])
 
 
-def run_lm_stage(stage: str, dataset_cls, data_name: str, argv: list[str] | None, description: str) -> dict:
-    parser = build_parser(stage, description)
+def add_pack_args(parser: argparse.ArgumentParser) -> None:
+    """`--pack` / `--pack-len`, for the stages that train on text samples (`make_collate` reads them)."""
     parser.add_argument("--pack", type=int, choices=(0, 1), default=0,
                         help="1: pack whole samples into rows of --max-len, each attending only to itself "
                              "(no padding compute; the same samples and targets per step as 0)")
     parser.add_argument("--pack-len", type=int, default=None,
                         help="with --pack 1: rows of this many tokens instead of --max-len (never narrower than "
                              "the longest sample); short samples train faster in short rows")
+
+
+def make_collate(args: argparse.Namespace):
+    """`pack_collate` into rows of `--pack-len` with `--pack 1`, else `pad_collate`."""
+    from data.collate import pack_collate, pad_collate
+    return partial(pack_collate, max_len=args.max_len, row_len=args.pack_len) if args.pack else pad_collate
+
+
+def run_lm_stage(stage: str, dataset_cls, data_name: str, argv: list[str] | None, description: str) -> dict:
+    parser = build_parser(stage, description)
+    add_pack_args(parser)
     args, preset = parse_with_preset(parser, stage, argv)
     data_file = resolve_data_file(args.data, data_name)
     tok_dir = Path(args.tokenizer or args.init or Path(args.data if Path(args.data).is_dir() else data_file.parent) / "tokenizer")
@@ -129,9 +140,5 @@ def run_lm_stage(stage: str, dataset_cls, data_name: str, argv: list[str] | None
     torch.manual_seed(args.seed)
     model = build_model(args, preset, tokenizer)
     dataset = with_pretrain_replay(dataset_cls(data_file, tokenizer, args.max_len), data_file, tokenizer, args)
-
-    from data.collate import pack_collate, pad_collate
-
-    collate = partial(pack_collate, max_len=args.max_len, row_len=args.pack_len) if args.pack else pad_collate
-    trainer = Trainer(model, dataset, collate, causal_lm_loss, config_from_args(args), save_fn=saver(tok_dir))
+    trainer = Trainer(model, dataset, make_collate(args), causal_lm_loss, config_from_args(args), save_fn=saver(tok_dir))
     return trainer.train()

@@ -122,7 +122,7 @@ def load_with_adapter(base_dir: str | Path, adapter_dir: str | Path, adapter_nam
 def main(argv: list[str] | None = None) -> dict:
     from data.datasets import SFTDataset
     from training.cli import config_from_args
-    from training.lm_stage import build_parser, causal_lm_loss, with_pretrain_replay
+    from training.lm_stage import add_pack_args, build_parser, causal_lm_loss, make_collate, with_pretrain_replay
     from training.posttrain_pipeline import copy_tokenizer, load_init, parse_stage, posttrain_file
 
     p = build_parser("lora", __doc__.splitlines()[0])
@@ -134,9 +134,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--adapter-name", default="default")
     p.add_argument("--replay", type=float, help="base-domain SFT samples mixed in, as a fraction of the new data")
     p.add_argument("--replay-kl", type=int, choices=(0, 1), default=0,
-                   help="1: replayed base samples learn the base model's distribution (KL), not their labels")
+                   help="1: replayed base samples learn the base model's distribution (KL), not their labels "
+                        "(rows are then padded, not packed)")
     p.add_argument("--merged-out", help="also write the merged full model here")
+    add_pack_args(p)
     args, _ = parse_stage(p, "lora", argv)
+    if args.replay_kl:  # its loss tells replayed rows from new ones, and a packed row would mix them
+        args.pack = 0
     if not args.init:
         raise SystemExit("--init: LoRA adapts an existing checkpoint folder (the base)")
     model, tokenizer, tok_dir = load_init(args.init)
@@ -158,10 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
                               args.seed)
     # The base SFT data restates only the facts it asks about; the rest live in the pretrain documents.
     dataset = with_pretrain_replay(dataset, base_sft, tokenizer, args, wrap=replayed)
-    from data.collate import pad_collate
-
     loss_fn = replay_kl_loss(args.adapter_name) if args.replay_kl else causal_lm_loss
-    trainer = Trainer(model, dataset, pad_collate, loss_fn, config_from_args(args),
+    trainer = Trainer(model, dataset, make_collate(args), loss_fn, config_from_args(args),
                       trainable=lora_trainable(args.adapter_name), save_fn=adapter_saver(tok_dir, args.adapter_name))
     summary = trainer.train() | {"adapter_params": lora_n, "base_params": base_n, "adapter_ratio": lora_n / base_n}
     if args.merged_out:  # the model was trained in place: fold the adapter in and save a plain checkpoint
