@@ -69,7 +69,7 @@ def make_kd_loss(teacher: MiniMindForCausalLM | None, alpha: float, temperature:
 def student_config(teacher_cfg: MiniMindConfig, scale: float = 0.5) -> MiniMindConfig:
     """Teacher's vocabulary and heads layout, `scale` of its width and depth (0.5 -> ~1/4-1/8 the params)."""
     heads = max(2, int(teacher_cfg.num_attention_heads * scale) // 2 * 2)
-    hidden = max(heads * 8, int(teacher_cfg.hidden_size * scale) // heads * heads)
+    hidden = max(heads * 8, int(teacher_cfg.hidden_size * scale) // (2 * heads) * 2 * heads)  # RoPE: even head_dim
     return MiniMindConfig(vocab_size=teacher_cfg.vocab_size, hidden_size=hidden,
                           num_hidden_layers=max(1, round(teacher_cfg.num_hidden_layers * scale)),
                           num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
