@@ -100,7 +100,10 @@ STAGE_DEFAULTS: dict[str, dict[str, dict]] = {
         # With the column traces (a two-step sum is ~70 tokens; 48 would cut it off before its answer), max_new_tokens 80;
         # gains on the 400 held-out questions of grpo_eval + reason_eval (seed 42, 2026-12-05): this preset -1.7 pts;
         # 60 x 16 prompts +1.4 (580 s); 40 x 16 at temperature 0.6 +1.8 / +1.2 (two seeds, 350-590 s), at 0.4 -0.4;
-        # 60 x 16 at lr 3e-4 -10.6. None is worth its minutes, so the preset stays the cheap one.
+        # 60 x 16 at lr 3e-4 -10.6. This preset (54 s) lost 1.7, 1.7 (that model), 4.4 (a rerun of the same reasoning
+        # stage) and 4.0 (the full pipeline); 20 x 16 at T 0.6 (177-188 s) gained +1.8 / +1.6 (seeds 42 / 1) from the first
+        # reasoning model and lost 3.0 / 7.0 from the second: the start model decides more than the recipe, and the
+        # preset stays the cheap one.
         "grpo": dict(max_steps=30, batch_size=4, lr=1e-4, warmup_steps=2, group=8, max_new_tokens=80),
     },
     "small": {
