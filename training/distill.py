@@ -16,6 +16,7 @@ import json
 import torch
 import torch.nn.functional as F
 
+from training.lm_stage import supervised_logits
 from training.trainer import LossOutput, Trainer
 from vlm import MiniMindConfig, MiniMindForCausalLM
 
@@ -50,17 +51,15 @@ def make_kd_loss(teacher: MiniMindForCausalLM | None, alpha: float, temperature:
     packed batch's `position_ids` keep its samples apart in student and teacher alike."""
     def loss_fn(model, batch: dict) -> LossOutput:
         ids, mask, pos = batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids")
-        labels = batch["labels"].to(ids.device)[:, 1:]
-        keep = labels != -100
         hidden, _, aux = model.model(ids, mask, pos)
+        logits, targets = supervised_logits(model, hidden, batch["labels"])
         t_logits = None
         if teacher is not None and alpha < 1.0:
             if next(teacher.parameters()).device != ids.device:
                 teacher.to(ids.device)
             with torch.no_grad():
-                t_logits = teacher.lm_head(teacher.model(ids, mask, pos)[0][:, :-1][keep])
-        loss, ce, kl, n = kd_loss_terms(model.lm_head(hidden[:, :-1][keep]), t_logits, labels[keep], alpha,
-                                        temperature, reverse)
+                t_logits = supervised_logits(teacher, teacher.model(ids, mask, pos)[0], batch["labels"])[0]
+        loss, ce, kl, n = kd_loss_terms(logits, t_logits, targets, alpha, temperature, reverse)
         return LossOutput(loss_sum=loss, count=n, aux=aux,
                           metrics={"ce": ce.item() / max(n, 1), "kl": kl.item() / max(n, 1)})
     return loss_fn

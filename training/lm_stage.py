@@ -41,10 +41,15 @@ def supervised_head_loss(model, hidden: torch.Tensor, labels: torch.Tensor, aux=
 
 def supervised_token_ce(model, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(next-token CE, target id) of each supervised position, flattened; the LM head sees only those."""
+    logits, targets = supervised_logits(model, hidden, labels)
+    return F.cross_entropy(logits.float(), targets, reduction="none"), targets
+
+
+def supervised_logits(model, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next-token logits `[N, V]`, target ids `[N]`) of the N supervised positions of `hidden` `[B, T, H]`."""
     labels = labels.to(hidden.device)[:, 1:]
     keep = labels != -100
-    targets = labels[keep]
-    return F.cross_entropy(model.lm_head(hidden[:, :-1][keep]).float(), targets, reduction="none"), targets
+    return model.lm_head(hidden[:, :-1][keep]), labels[keep]
 
 
 def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
