@@ -103,3 +103,29 @@ def test_real_photos_and_their_variants(tiny, vit_b16, tmp_path):
     picks = [files[i * 6 + i] for i in range(6)]
     tokens = vit_b16.encode_images(picks)
     assert tokens.shape == (6, 196, 768) and torch.isfinite(tokens).all()
+
+
+def test_feature_layer_picks_a_hidden_state_and_keys_the_identity():
+    encoder = VisionEncoder.from_open_clip("minimind-clip-tiny")
+    pixels = torch.randn(2, 3, 64, 64)
+    outputs = {}
+    hooks = [block.register_forward_hook(lambda _m, _i, out, k=k: outputs.__setitem__(k, out))
+             for k, block in enumerate(encoder.visual.transformer.resblocks)]
+    final = encoder(pixels)
+    for hook in hooks:
+        hook.remove()
+    blocks, n = len(outputs), encoder.num_patches
+    encoder.feature_layer = -2  # LLaVA's default: the output of the block before the last, no final norm
+    assert torch.allclose(encoder(pixels), outputs[blocks - 2][:, -n:])
+    assert encoder(pixels).shape == final.shape and not torch.allclose(encoder(pixels), final)
+    encoder.feature_layer = blocks - 1  # counted from the front, as Hugging Face's hidden_states
+    assert encoder.feature_layer == -2
+    other = encoder.identity  # the cache must not hand -2's features to a -1 model
+    encoder.feature_layer = [-3, -1]  # a list is concatenated along the width (LLaVA's list form)
+    assert encoder.hidden_size == 2 * final.shape[-1]
+    assert torch.allclose(encoder(pixels), torch.cat([outputs[blocks - 3][:, -n:], final], -1))
+    assert encoder.identity not in (other, VisionEncoder.from_open_clip("minimind-clip-tiny").identity)
+    encoder.feature_layer = -1
+    assert torch.equal(encoder(pixels), final) and encoder.identity != other
+    with pytest.raises(ValueError, match="hidden states"):
+        encoder.feature_layer = -(blocks + 2)

@@ -313,3 +313,16 @@ def test_bidirectional_image_attention_sees_the_whole_image_but_not_the_next_one
     assert MiniMindVLM.from_pretrained(tmp_path).config.image_attention == "bidirectional"
     with pytest.raises(ValueError, match="image_attention"):
         MiniMindVLM.from_lm(lm, encoder, image_attention="sideways")
+
+
+def test_vision_feature_layer_is_saved_with_the_model(tokenizer, tmp_path):
+    encoder = VisionEncoder.from_open_clip("minimind-clip-tiny")
+    encoder.feature_layer = [-3, -1]
+    model = MiniMindVLM.from_lm(tiny_lm(len(tokenizer)), encoder).eval()
+    assert model.config.vision_feature_layer == [-3, -1] and model.config.vision_hidden_size == 2 * 192
+    pixels = torch.randn(1, 3, 64, 64)
+    model.save_pretrained(tmp_path)
+    loaded = MiniMindVLM.from_pretrained(tmp_path).eval()
+    assert loaded.vision.feature_layer == [-3, -1] and loaded.vision.identity == model.vision.identity
+    with torch.no_grad():
+        assert torch.equal(loaded.project_images(pixels), model.project_images(pixels))

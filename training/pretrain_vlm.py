@@ -95,7 +95,7 @@ def load_encoder(vision: str, pretrained: str | None = None) -> VisionEncoder:
 def build_vlm(init: str, vision: str | None, vision_pretrained: str | None, projector: str,
               projector_positions: bool = False, projector_shuffle: int = 1,
               projector_norm: bool = False, projector_glance: bool = False,
-              image_attention: str = "causal") -> MiniMindVLM:
+              image_attention: str = "causal", vision_feature_layer: int | list[int] = -1) -> MiniMindVLM:
     """Continue a MiniMind-V folder, or wrap an LM folder with the named encoder and a new projector."""
     config = AutoConfig.from_pretrained(init)
     if isinstance(config, MiniMindVLMConfig):
@@ -107,7 +107,9 @@ def build_vlm(init: str, vision: str | None, vision_pretrained: str | None, proj
         raise SystemExit(f"--init {init} is a language model: name the image encoder with --vision "
                          "(an open_clip name such as ViT-B-16, or a folder from training.pretrain_clip)")
     lm = MiniMindForCausalLM.from_pretrained(init)
-    return MiniMindVLM.from_lm(lm, load_encoder(vision, vision_pretrained), projector,
+    encoder = load_encoder(vision, vision_pretrained)
+    encoder.feature_layer = vision_feature_layer
+    return MiniMindVLM.from_lm(lm, encoder, projector,
                                vision_pretrained=vision_pretrained or (vision if Path(vision).is_dir() else None),
                                projector_positions=projector_positions, projector_shuffle=projector_shuffle,
                                projector_norm=projector_norm, projector_glance=projector_glance,
@@ -143,6 +145,9 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
     add_common_args(p)
     p.add_argument("--vision", help="open_clip model name or CLIP checkpoint folder (needed when --init is an LM)")
     p.add_argument("--vision-pretrained", help="open_clip pretrained tag or weights file for --vision NAME")
+    p.add_argument("--vision-feature-layer", type=int, nargs="+", default=[-1],
+                   help="for a new VLM: the encoder hidden state(s) used as patch tokens (-1 its output, -2 the "
+                        "block before; several are concatenated)")
     p.add_argument("--projector", choices=PROJECTOR_TYPES, default="linear", help="for a new VLM (default: linear)")
     p.add_argument("--projector-positions", type=int, choices=(0, 1), default=0,
                    help="for a new VLM: 1 adds a learned embedding per patch slot to the projected features")
@@ -188,7 +193,8 @@ def run_vlm_stage(stage: str, argv: list[str] | None, description: str,
     torch.manual_seed(args.seed)
     model = build_vlm(args.init, args.vision, args.vision_pretrained, args.projector, bool(args.projector_positions),
                       args.projector_shuffle, bool(args.projector_norm), bool(args.projector_glance),
-                      args.image_attention)
+                      args.image_attention, args.vision_feature_layer[0] if len(args.vision_feature_layer) == 1
+                      else args.vision_feature_layer)
     tok_dir = Path(args.tokenizer or args.init)
     tokenizer = load_tokenizer(tok_dir)
     data_file = resolve_data_file(args.data, spec["data_file"])

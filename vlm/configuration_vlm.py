@@ -23,6 +23,8 @@ Vision fields:
   tokens, 0.77-0.78 from the image tokens' states in the LM and 0.52-0.55 at the answer position
   (causal; bidirectional 0.80-0.85 and 0.59-0.61): the answer fails to gather it either way.
   Only `input_ids` say where the images are: a forward from `inputs_embeds` alone is causal;
+- `vision_feature_layer`: which of the encoder's hidden states becomes the patch tokens, as LLaVA's
+  field: -1 its output (the default), -2 the block before the last, ...; a list concatenates them;
 - `vision_hidden_size` (D): read from the encoder; `num_image_tokens` (N): the encoder's patch count
   divided by f^2 (+ 1 with the glance token), the image tokens the LM sees; the processor writes N
   placeholder ids per `<image>`.
@@ -46,6 +48,7 @@ class MiniMindVLMConfig(MiniMindConfig):
         vision_preprocess_cfg: dict | None = None,
         vision_pretrained: str | None = None,
         vision_hidden_size: int | None = None,
+        vision_feature_layer: int | list[int] = -1,
         num_image_tokens: int | None = None,
         projector_type: str = "linear",
         projector_positions: bool = False,
@@ -66,6 +69,8 @@ class MiniMindVLMConfig(MiniMindConfig):
         self.vision_preprocess_cfg = vision_preprocess_cfg
         self.vision_pretrained = vision_pretrained
         self.vision_hidden_size = vision_hidden_size
+        self.vision_feature_layer = vision_feature_layer if isinstance(vision_feature_layer, int) \
+            else [int(x) for x in vision_feature_layer]
         self.num_image_tokens = num_image_tokens
         self.projector_type = projector_type
         self.projector_positions = projector_positions

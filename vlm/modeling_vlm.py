@@ -39,6 +39,7 @@ class MiniMindVLM(MiniMindForCausalLM):
                                                    config.vision_preprocess_cfg)
             else:
                 vision = VisionEncoder.from_open_clip(config.vision_model_name)
+        vision.feature_layer = config.vision_feature_layer
         self._describe_vision(config, vision)
         for module in vision.modules():  # open_clip initialised it (or a checkpoint will): HF must not re-init
             module._is_hf_initialized = True
@@ -72,12 +73,14 @@ class MiniMindVLM(MiniMindForCausalLM):
                 vision_pretrained: str | None = None, projector_positions: bool = False,
                 projector_shuffle: int = 1, projector_norm: bool = False,
                 projector_glance: bool = False, image_attention: str = "causal") -> "MiniMindVLM":
-        """A VLM around a trained LM (weights copied) and an encoder; only the projector is new."""
+        """A VLM around a trained LM (weights copied) and an encoder; only the projector is new.
+        The encoder's `feature_layer` becomes the config's `vision_feature_layer`."""
         config = MiniMindVLMConfig.from_text_config(lm.config, projector_type=projector_type,
                                                     projector_positions=projector_positions,
                                                     projector_shuffle=projector_shuffle, projector_norm=projector_norm,
                                                     projector_glance=projector_glance, vision_pretrained=vision_pretrained,
-                                                    image_attention=image_attention)
+                                                    image_attention=image_attention,
+                                                    vision_feature_layer=vision.feature_layer)
         model = cls(config, vision=vision)
         result = model.load_state_dict(lm.state_dict(), strict=False)
         missing = [k for k in result.missing_keys if not k.startswith(("vision.", "projector."))]

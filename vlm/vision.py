@@ -140,7 +140,7 @@ class VisionEncoder(nn.Module):
     """Frozen open_clip vision tower: pixels `[B, 3, H, W]` -> patch tokens `[B, N, D]`."""
 
     def __init__(self, clip_model: nn.Module, model_name: str, model_cfg: dict | None = None,
-                 tokenizer_id: str | None = None):
+                 tokenizer_id: str | None = None, feature_layer: int = -1):
         super().__init__()
         visual = clip_model.visual
         if not hasattr(visual, "output_tokens"):
@@ -158,6 +158,7 @@ class VisionEncoder(nn.Module):
         self.preprocess, self.preprocess_cfg = clip_eval_transform(clip_model)
         self._identity: str | None = None
         self._shape: tuple[int, int] | None = None
+        self.feature_layer = feature_layer
         clip_model.requires_grad_(False)
         clip_model.eval()
 
@@ -175,6 +176,23 @@ class VisionEncoder(nn.Module):
         if preprocess_cfg:
             open_clip.set_model_preprocess_cfg(model, preprocess_cfg)
         return cls(model, model_name, model_cfg)
+
+    @property
+    def feature_layer(self) -> int | list[int]:
+        """Which hidden state(s) the patch tokens come from, counted as Hugging Face's `hidden_states`
+        (LLaVA's `vision_feature_layer`): -1 the tower's output tokens (after its final norm, as
+        open_clip returns them), -2 the output of the block before the last, 0 the patch embeddings;
+        a list concatenates those states along the width."""
+        return self._layers[0] if len(self._layers) == 1 else list(self._layers)
+
+    @feature_layer.setter
+    def feature_layer(self, layer: int | Sequence[int]) -> None:
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        blocks = len(self.visual.transformer.resblocks)
+        if not layers or any(not -blocks - 1 <= int(x) <= blocks for x in layers):
+            raise ValueError(f"feature_layer {layer}: {self.model_name} has hidden states -{blocks + 1}..{blocks}")
+        self._layers = tuple(int(x) if int(x) < 0 else int(x) - blocks - 1 for x in layers)  # one spelling each
+        self._identity, self._shape = None, None
 
     # -- frozen by construction -------------------------------------------------------------------
     def train(self, mode: bool = True) -> "VisionEncoder":
@@ -200,7 +218,7 @@ class VisionEncoder(nn.Module):
             v = self.visual
             if getattr(v, "attn_pool", None) is None and getattr(v, "pool_type", "") in ("tok", "avg") \
                     and hasattr(v, "grid_size"):
-                self._shape = (int(v.grid_size[0] * v.grid_size[1]), int(v.transformer.width))
+                self._shape = (int(v.grid_size[0] * v.grid_size[1]), int(v.transformer.width) * len(self._layers))
             else:  # unusual pooling: ask the model itself
                 size = self.visual.image_size
                 size = (size, size) if isinstance(size, int) else tuple(size)
@@ -230,15 +248,31 @@ class VisionEncoder(nn.Module):
                 h.update(key.encode())
                 h.update(str(tensor.dtype).encode())
                 h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-            self._identity = f"{self.model_name}:{h.hexdigest()[:16]}"
+            layer = "" if self._layers == (-1,) else "@" + ",".join(map(str, self._layers))
+            self._identity = f"{self.model_name}{layer}:{h.hexdigest()[:16]}"
         return self._identity
 
     # -- encoding ------------------------------------------------------------------------------------
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Patch tokens `[B, N, D]` for preprocessed pixels `[B, 3, H, W]` (no gradient)."""
-        with torch.no_grad():
-            _, tokens = self.visual(pixel_values.to(device=self.device, dtype=self.dtype))
-        return tokens
+        pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
+        if self._layers == (-1,):
+            with torch.no_grad():
+                return self.visual(pixel_values)[1]
+        blocks = self.visual.transformer.resblocks
+        # hidden state -k (k >= 2) is the output of block len - k + 1 counted from 1; the first is ln_pre's
+        modules = {x: self.visual.ln_pre if x == -len(blocks) - 1 else blocks[len(blocks) + x]
+                   for x in self._layers if x != -1}
+        states: dict[int, torch.Tensor] = {}
+        hooks = [m.register_forward_hook(lambda _m, _i, out, x=x: states.__setitem__(x, out)) for x, m in modules.items()]
+        try:
+            with torch.no_grad():
+                final = self.visual(pixel_values)[1]
+        finally:
+            for hook in hooks:
+                hook.remove()
+        n = final.shape[1]  # the patches are the last n tokens (a class token may come first)
+        return torch.cat([final if x == -1 else states[x][:, -n:] for x in self._layers], dim=-1)
 
     def pixel_values(self, images: Sequence[ImageSource]) -> torch.Tensor:
         """Load (safely) and preprocess images -> `[B, 3, H, W]`; raises `ImageError` naming a bad file."""
