@@ -17,6 +17,7 @@ to `out_dir/images`, like minimind-v's `--images_path`):
                          images plus the caption-only `clip` images)
 - `vlm_pretrain.jsonl`   `{"conversations": [user "<image>\\nDescribe...", assistant caption], "image"}`
 - `vlm_sft.jsonl`        `{"conversations": [user "<image>\\nquestion", assistant answer], "image", "type", "lang"}`
+                         (the train images' questions, then those of the question-only `sft` images)
 - `eval/vqa.jsonl`       the same plus `"answer"`, `"lang"`, `"type"`, `"unseen_combo"`
 - `eval/captions.jsonl`  `{"image", "caption", "caption_zh", "kind", "unseen_combo"}` (retrieval eval)
 - `scenes.json`          counts, scale, seed, held-out pairs
@@ -65,13 +66,15 @@ HELD_OUT_PAIRS = frozenset({("red", "triangle"), ("green", "star"), ("blue", "ci
 # extra training scenes with captions only, for the CLIP stage: a ViT from scratch needs many distinct
 # pictures to learn shapes (tiny ViT, supervised shape on single scenes, 300 steps of 64: 0.78
 # held-out with a fresh scene every sample vs 0.63 after 400 steps over 900 fixed scenes).
-# The VLM too learns more from more distinct pictures than from the same ones seen again: tiny with
-# 36000 training images instead of 9000 (same LM, CLIP and 3000 SFT steps, seed 42, all 600 held-out
-# questions, 2026-12-05) gave VQA 0.667 vs 0.632, unseen pairs 0.683 vs 0.656; 72000 gave no more
-# (0.662 / 0.660). Rendering them costs ~25 s, caching their features ~30 s.
+# `sft` images are extra training scenes with questions only, for VLM SFT: the VLM too learns more
+# from more distinct pictures than from the same ones asked again. tiny with 36000 training images
+# instead of 9000 (same LM, CLIP and 3000 SFT steps, seed 42, all 600 held-out questions, 2026-12-05):
+# VQA 0.667 vs 0.632, unseen pairs 0.683 vs 0.656; 72000: 0.662 / 0.660. They come from their own
+# random stream and their rows follow the train rows in `vlm_sft.jsonl`, so every other file and the
+# head of that one (what the tokenizer reads) stay as they were: the LM does not change with them.
 SCALES = {
     "micro": dict(train=48, eval=30, size=64, clip=24),
-    "tiny": dict(train=36000, eval=300, size=64, clip=20000),
+    "tiny": dict(train=9000, eval=300, size=64, clip=20000, sft=27000),
     "small": dict(train=20000, eval=1000, size=96, clip=60000),
 }
 KIND_WEIGHTS = {"single": 3, "pair": 2, "count": 2, "text": 1.5, "chart": 1.5}
@@ -350,30 +353,33 @@ def write_scene_splits(out_dir: str | Path, seed: int = 0, scale: str = "tiny", 
     if scale not in SCALES:
         raise ValueError(f"unknown scene scale {scale!r}; choose one of {sorted(SCALES)}")
     spec, out = SCALES[scale], Path(out_dir)
-    clip_rows, pre_rows, sft_rows, vqa_rows, cap_rows = [], [], [], [], []
-    for split in ("train", "eval", "clip"):
+    clip_rows, pre_rows, sft_rows, vqa_rows, cap_rows, more_rows = [], [], [], [], [], []
+    for split in ("train", "eval", "clip", "sft"):
         rng = random.Random(f"scenes-{seed}-{split}")  # str seeds are hashed stably across runs
         if images:
             (out / "images" / split).mkdir(parents=True, exist_ok=True)
-        for i, kind in enumerate(_kinds(spec[split], rng, TRAIN_KIND_WEIGHTS if split == "train" else KIND_WEIGHTS)):
+        weights = TRAIN_KIND_WEIGHTS if split in ("train", "sft") else KIND_WEIGHTS
+        for i, kind in enumerate(_kinds(spec.get(split, 0), rng, weights)):
             force = split == "eval" and kind in ("single", "pair", "count") and rng.random() < EVAL_UNSEEN_RATE
             scene = sample_scene(rng, "eval" if split == "eval" else "train", kind, force_unseen=force)
             image = f"{split}/{i:06d}.png"
             if images:
                 render(scene, spec["size"]).save(out / "images" / image, optimize=False)
             en, zh = caption(scene, "en"), caption(scene, "zh")
-            if split != "eval":
+            if split in ("train", "clip"):
                 clip_rows += [{"image": image, "caption": en, "lang": "en"}, {"image": image, "caption": zh, "lang": "zh"}]
             if split == "train":
                 for lang, text in (("en", en), ("zh", zh)):
                     pre_rows.append({"conversations": _chat(rng.choice(DESCRIBE[lang]), text), "image": image})
+            if split in ("train", "sft"):
+                rows = sft_rows if split == "train" else more_rows
                 for lang in ("en", "zh"):  # every question in both languages: answers align across them
                     for qtype, q, a in questions(scene, rng, lang):
-                        sft_rows.append({"conversations": _chat(q, a), "image": image, "type": qtype, "lang": lang})
+                        rows.append({"conversations": _chat(q, a), "image": image, "type": qtype, "lang": lang})
                 if rng.random() < 0.1:
                     lang = rng.choice(["en", "zh"])
-                    sft_rows.append({"conversations": _chat(rng.choice(DESCRIBE[lang]), en if lang == "en" else zh),
-                                     "image": image, "type": "caption", "lang": lang})
+                    rows.append({"conversations": _chat(rng.choice(DESCRIBE[lang]), en if lang == "en" else zh),
+                                 "image": image, "type": "caption", "lang": lang})
             elif split == "eval":
                 cap_rows.append({"image": image, "caption": en, "caption_zh": zh, "kind": kind,
                                  "unseen_combo": scene.unseen_combo})
@@ -388,6 +394,8 @@ def write_scene_splits(out_dir: str | Path, seed: int = 0, scale: str = "tiny", 
     rng = random.Random(f"scenes-{seed}-shuffle")
     rng.shuffle(sft_rows)
     rng.shuffle(pre_rows)
+    random.Random(f"scenes-{seed}-shuffle-sft").shuffle(more_rows)
+    sft_rows += more_rows  # after the train rows (training samples rows in random order anyway)
     _write_jsonl(out / "clip_pretrain.jsonl", clip_rows)
     _write_jsonl(out / "vlm_pretrain.jsonl", pre_rows)
     _write_jsonl(out / "vlm_sft.jsonl", sft_rows)
@@ -396,6 +404,7 @@ def write_scene_splits(out_dir: str | Path, seed: int = 0, scale: str = "tiny", 
     summary = {
         "scale": scale, "seed": seed, "images_rendered": images, "image_size": spec["size"], "image_root": "images",
         "train_images": spec["train"], "eval_images": spec["eval"], "clip_only_images": spec["clip"],
+        "sft_only_images": spec.get("sft", 0),
         "clip_pretrain": len(clip_rows), "vlm_pretrain": len(pre_rows), "vlm_sft": len(sft_rows),
         "eval_vqa": len(vqa_rows), "eval_vqa_unseen_combo": sum(r["unseen_combo"] for r in vqa_rows),
         "held_out_pairs": sorted(f"{c}+{s}" for c, s in HELD_OUT_PAIRS),
