@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from data.scenes import (COLOURS, HELD_OUT_PAIRS, SHAPES, caption, colourless_caption, hard_negative, questions, sample_scene,
+from data.scenes import (COLOURS, HELD_OUT_PAIRS, SCALES, SHAPES, caption, colourless_caption, hard_negative, questions, sample_scene,
                          write_scene_splits)
 
 TYPES = {"colour", "shape", "size", "position", "count", "text", "chart", "caption"}
@@ -158,3 +158,19 @@ def test_training_questions_cover_counting_and_reading_about_as_often_as_colour(
     # the held-out questions keep the old mix, so VQA figures stay comparable across versions
     eval_types = Counter(r["type"] for r in _rows(tmp_path / "eval" / "vqa.jsonl"))
     assert eval_types["count"] == 120 and eval_types["text"] == 90
+
+
+def test_question_only_sft_images_add_rows_after_the_train_rows_and_change_nothing_else(micro, tmp_path, monkeypatch):
+    out, summary = micro
+    monkeypatch.setitem(SCALES, "micro", {**SCALES["micro"], "sft": 20})
+    more = write_scene_splits(tmp_path / "more", seed=3, scale="micro")
+    for rel in ["clip_pretrain.jsonl", "vlm_pretrain.jsonl", "eval/vqa.jsonl", "eval/captions.jsonl",
+                "images/train/000000.png"]:  # what the tokenizer, CLIP and VLM pretraining read stays the same
+        assert (out / rel).read_bytes() == (tmp_path / "more" / rel).read_bytes(), rel
+    before, after = _rows(out / "vlm_sft.jsonl"), _rows(tmp_path / "more" / "vlm_sft.jsonl")
+    assert after[:len(before)] == before  # the head of the file, what the tokenizer reads, is unchanged
+    extra = after[len(before):]
+    assert more["sft_only_images"] == 20 and len({r["image"] for r in extra}) == 20
+    assert all(r["image"].startswith("sft/") and (tmp_path / "more" / "images" / r["image"]).is_file() for r in extra)
+    assert {r["type"] for r in extra} >= {"colour", "shape", "count", "text"}
+    assert not any(r["image"].startswith("sft/") for r in _rows(tmp_path / "more" / "clip_pretrain.jsonl"))
