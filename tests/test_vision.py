@@ -125,6 +125,8 @@ def test_feature_layer_picks_a_hidden_state_and_keys_the_identity():
     assert encoder.hidden_size == 2 * final.shape[-1]
     assert torch.allclose(encoder(pixels), torch.cat([outputs[blocks - 3][:, -n:], final], -1))
     assert encoder.identity not in (other, VisionEncoder.from_open_clip("minimind-clip-tiny").identity)
+    encoder.feature_layer = [-2, -4]  # listed against block order: each state still lands in its place
+    assert torch.allclose(encoder(pixels), torch.cat([outputs[blocks - 2][:, -n:], outputs[blocks - 4][:, -n:]], -1))
     encoder.feature_layer = -1
     assert torch.equal(encoder(pixels), final) and encoder.identity != other
     with pytest.raises(ValueError, match="hidden states"):

@@ -24,7 +24,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from transformers import AutoConfig
@@ -99,7 +99,7 @@ def load_encoder(vision: str, pretrained: str | None = None) -> VisionEncoder:
 def build_vlm(init: str, vision: str | None, vision_pretrained: str | None, projector: str,
               projector_positions: bool = False, projector_shuffle: int = 1,
               projector_norm: bool = False, projector_glance: bool = False,
-              image_attention: str = "causal", vision_feature_layer: int | list[int] = -1) -> MiniMindVLM:
+              image_attention: str = "causal", vision_feature_layer: int | Sequence[int] = -1) -> MiniMindVLM:
     """Continue a MiniMind-V folder, or wrap an LM folder with the named encoder and a new projector."""
     config = AutoConfig.from_pretrained(init)
     if isinstance(config, MiniMindVLMConfig):
@@ -197,8 +197,7 @@ def run_vlm_stage(stage: str, argv: list[str] | None, description: str,
     torch.manual_seed(args.seed)
     model = build_vlm(args.init, args.vision, args.vision_pretrained, args.projector, bool(args.projector_positions),
                       args.projector_shuffle, bool(args.projector_norm), bool(args.projector_glance),
-                      args.image_attention, args.vision_feature_layer[0] if len(args.vision_feature_layer) == 1
-                      else args.vision_feature_layer)
+                      args.image_attention, args.vision_feature_layer)
     tok_dir = Path(args.tokenizer or args.init)
     tokenizer = load_tokenizer(tok_dir)
     data_file = resolve_data_file(args.data, spec["data_file"])

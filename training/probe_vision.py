@@ -22,15 +22,14 @@ import argparse
 import json
 import random
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
 from data.scenes import COLOURS, POSITIONS, SHAPES, WORDS, Scene, sample_scene, shortest_bar
 from data.scenes_render import render
-from vlm.vision import VisionEncoder
+from vlm.vision import VisionEncoder, captured_outputs
 
 QUESTIONS: dict[str, tuple[str, Callable[[Scene], int], int]] = {  # name -> (scene kind, label, classes)
     "position": ("single", lambda s: list(POSITIONS).index(s.objects[0].position), len(POSITIONS)),
@@ -52,19 +51,6 @@ def ridge_accuracy(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.T
     alpha = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype), targets)
     scores = x_test.double() @ x_train.double().T @ alpha
     return float((scores.argmax(1) == y_test).float().mean())
-
-
-@contextmanager
-def captured_outputs(modules, pick: Callable = lambda output: output) -> Iterator[dict[int, torch.Tensor]]:
-    """`{k: pick(output)}` of the k-th module's latest forward, kept up to date inside the block."""
-    captured: dict[int, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(lambda _m, _i, o, k=k: captured.__setitem__(k, pick(o)))
-             for k, m in enumerate(modules)]
-    try:
-        yield captured
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 def _concat(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -27,7 +27,8 @@ import hashlib
 import json
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import open_clip
 import torch
@@ -134,6 +135,19 @@ def encode_text_trimmed(model, text: torch.Tensor) -> torch.Tensor:
     if model.text_projection is None:
         return x
     return model.text_projection(x) if isinstance(model.text_projection, nn.Linear) else x @ model.text_projection
+
+
+@contextmanager
+def captured_outputs(modules, pick: Callable = lambda output: output) -> Iterator[dict[int, torch.Tensor]]:
+    """`{k: pick(output)}` of the k-th module's latest forward, kept up to date inside the block."""
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda _m, _i, o, k=k: captured.__setitem__(k, pick(o)))
+             for k, m in enumerate(modules)]
+    try:
+        yield captured
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 class VisionEncoder(nn.Module):
@@ -263,14 +277,9 @@ class VisionEncoder(nn.Module):
         # hidden state -k (k >= 2) is the output of block len - k + 1 counted from 1; the first is ln_pre's
         modules = {x: self.visual.ln_pre if x == -len(blocks) - 1 else blocks[len(blocks) + x]
                    for x in self._layers if x != -1}
-        states: dict[int, torch.Tensor] = {}
-        hooks = [m.register_forward_hook(lambda _m, _i, out, x=x: states.__setitem__(x, out)) for x, m in modules.items()]
-        try:
-            with torch.no_grad():
-                final = self.visual(pixel_values)[1]
-        finally:
-            for hook in hooks:
-                hook.remove()
+        with captured_outputs(modules.values()) as captured, torch.no_grad():
+            final = self.visual(pixel_values)[1]
+        states = {x: captured[k] for k, x in enumerate(modules)}  # captured is keyed by position in modules
         n = final.shape[1]  # the patches are the last n tokens (a class token may come first)
         return torch.cat([final if x == -1 else states[x][:, -n:] for x in self._layers], dim=-1)
 
