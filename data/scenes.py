@@ -356,7 +356,7 @@ def write_scene_splits(out_dir: str | Path, seed: int = 0, scale: str = "tiny", 
     clip_rows, pre_rows, sft_rows, vqa_rows, cap_rows, more_rows = [], [], [], [], [], []
     for split in ("train", "eval", "clip", "sft"):
         rng = random.Random(f"scenes-{seed}-{split}")  # str seeds are hashed stably across runs
-        if images:
+        if images and spec.get(split, 0):
             (out / "images" / split).mkdir(parents=True, exist_ok=True)
         weights = TRAIN_KIND_WEIGHTS if split in ("train", "sft") else KIND_WEIGHTS
         for i, kind in enumerate(_kinds(spec.get(split, 0), rng, weights)):
