@@ -196,6 +196,9 @@ def test_student_is_at_most_a_quarter_of_the_teacher():
     count = lambda m: sum(p.numel() for p in {id(p): p for p in m.parameters()}.values())
     ratio = count(MiniMindForCausalLM(student_config(teacher_cfg, 0.5))) / count(MiniMindForCausalLM(teacher_cfg))
     assert ratio <= 0.25, ratio
+    deeper = student_config(teacher_cfg, 0.5, layers=3)  # the tiny preset's student: 3 layers of width 128
+    assert (deeper.num_hidden_layers, deeper.hidden_size) == (3, 128)
+    assert count(MiniMindForCausalLM(deeper)) / count(MiniMindForCausalLM(teacher_cfg)) <= 0.25
     for scale in (0.55, 0.6, 0.65, 0.7):  # 0.65 of 256 is 166 = 2 heads of 83: RoPE needs an even head size
         cfg = student_config(teacher_cfg, scale)
         assert (cfg.hidden_size // cfg.num_attention_heads) % 2 == 0 and cfg.hidden_size <= 256 * scale

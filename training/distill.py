@@ -4,8 +4,8 @@ A small student learns from the SFT data and from a larger teacher that shares i
 loss per response token = alpha * CE(student, label) + (1 - alpha) * T^2 * KL(teacher_T || student_T).
 The T^2 keeps the soft term's gradient scale independent of T (Hinton et al. 2015). `--alpha 1`
 is plain SFT of the same student, the baseline distillation must beat (the teacher is then unused).
-The student is a new model `--student-scale` times narrower and shallower than the teacher unless
-`--init` names one.
+The student is a new model `--student-scale` times narrower and shallower than the teacher
+(`--student-layers` sets its depth) unless `--init` names one.
 `--replay-pretrain R` mixes R pretrain documents per SFT sample into the data (both runs see the
 same mix): on documents the teacher's soft labels carry what it knows of the world's facts.
 """
@@ -65,12 +65,13 @@ def make_kd_loss(teacher: MiniMindForCausalLM | None, alpha: float, temperature:
     return loss_fn
 
 
-def student_config(teacher_cfg: MiniMindConfig, scale: float = 0.5) -> MiniMindConfig:
-    """Teacher's vocabulary and heads layout, `scale` of its width and depth (0.5 -> ~1/4-1/8 the params)."""
+def student_config(teacher_cfg: MiniMindConfig, scale: float = 0.5, layers: int | None = None) -> MiniMindConfig:
+    """Teacher's vocabulary and heads layout, `scale` of its width and depth (0.5 -> ~1/4-1/8 the params);
+    `layers` sets the depth instead (a narrow, deeper student)."""
     heads = max(2, int(teacher_cfg.num_attention_heads * scale) // 2 * 2)
     hidden = max(heads * 8, int(teacher_cfg.hidden_size * scale) // (2 * heads) * 2 * heads)  # RoPE: even head_dim
     return MiniMindConfig(vocab_size=teacher_cfg.vocab_size, hidden_size=hidden,
-                          num_hidden_layers=max(1, round(teacher_cfg.num_hidden_layers * scale)),
+                          num_hidden_layers=layers or max(1, round(teacher_cfg.num_hidden_layers * scale)),
                           num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
                           max_position_embeddings=teacher_cfg.max_position_embeddings,
                           rope_theta=teacher_cfg.rope_parameters["rope_theta"])
@@ -95,12 +96,14 @@ def main(argv: list[str] | None = None) -> dict:
                    help="KL(teacher||student) (Hinton) or KL(student||teacher) (mode-seeking)")
     p.add_argument("--student-scale", type=float, default=0.5,
                    help="student width/depth relative to the teacher (0.5 gives ~1/5 of the parameters at tiny)")
+    p.add_argument("--student-layers", type=int, help="student depth (default: --student-scale of the teacher's)")
     add_pack_args(p)
     args, _ = parse_stage(p, "distill", argv)
     teacher, tokenizer, tok_dir = load_init(args.teacher)
     teacher.eval().requires_grad_(False)
     torch.manual_seed(args.seed)
-    student = load_init(args.init)[0] if args.init else MiniMindForCausalLM(student_config(teacher.config, args.student_scale))
+    student = load_init(args.init)[0] if args.init else MiniMindForCausalLM(
+        student_config(teacher.config, args.student_scale, args.student_layers))
     ratio = n_params(student) / n_params(teacher)
     print(f"[distill] student {n_params(student):,} params = {ratio:.3f} of the teacher's {n_params(teacher):,}")
     sft_file = world_file(args.data, "sft.jsonl")
