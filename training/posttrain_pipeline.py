@@ -70,7 +70,7 @@ STAGE_DEFAULTS: dict[str, dict[str, dict]] = {
         # SFT model -1.5 pts (padded rows: +1.0), distillation seeds 1 / 2 +0.5 / +1.5, the full seed-42 pipeline -5.5;
         # the perplexity is lower in four of those five. student_scale 0.6 (0.247x): +2.0 / -1.0 at seeds 42 / 1.
         # student_layers 3 and 1600 steps (2026-12-06, seed-42 SFT model, EM on all 320 held-out questions, KD vs
-        # SFT-only): a 3-layer student of width 128 (0.246x) learns to read from the teacher and not alone: seeds
+        # SFT-only): a 3-layer student of width 128 (0.246x) learns to read from the teacher, hardly alone: seeds
         # 42 / 1 0.381 vs 0.244, 0.344 vs 0.209 (context QA 0.51 vs 0.305, 0.48 vs 0.26), ppl 1.576 vs 1.710,
         # 1.613 vs 1.764; 2400 steps 0.438 vs 0.275, 0.438 vs 0.388; 800 steps 0.184 vs 0.219. The 2-layer
         # student (0.189x) at 800 / 2400 steps: 0.184 vs 0.212, 0.406 vs 0.369.
