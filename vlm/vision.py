@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
-from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
 import open_clip
