@@ -130,6 +130,18 @@ def test_accumulation_equals_the_bigger_batch(tmp_path):
     assert diff <= 1e-9, diff
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_fast_dtype_is_bf16_only_on_a_cpu_with_bf16_kernels(tmp_path, monkeypatch, native):
+    import training.trainer as trainer_module
+    monkeypatch.setattr(trainer_module, "cpu_has_bf16_kernels", lambda: native)
+    config = TrainConfig(out=str(tmp_path), max_steps=1, batch_size=4, device="cpu", dtype="fast", progress=False)
+    trainer = Trainer(tiny_model(), random_samples(), collate, causal_lm_loss, config)
+    assert trainer.autocast_dtype == (torch.bfloat16 if native else None)
+    auto = Trainer(tiny_model(), random_samples(), collate, causal_lm_loss,
+                   TrainConfig(out=str(tmp_path / "auto"), device="cpu", dtype="auto", progress=False))
+    assert auto.autocast_dtype is None  # auto stays fp32 on every CPU
+
+
 def test_frozen_parameters_stay_bit_identical(tmp_path):
     start = {k: v.clone() for k, v in tiny_model().state_dict().items()}
     model = tiny_model()

@@ -37,6 +37,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
+from vlm.modeling_minimind import cpu_has_bf16_kernels
+
 STATE_DIR = "trainer_state"
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ class TrainConfig:
     log_every: int = 10
     resume: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto | fp32 | bf16
+    dtype: str = "auto"  # auto | fast | fp32 | bf16
     seed: int = 42
     wandb: str | None = None  # project name; None disables wandb
     ema_decay: float = 0.0  # > 0: keep an exponential moving average of the trained weights; the saved model is it
@@ -111,15 +113,22 @@ def _resolve_device(name: str, local_rank: int) -> torch.device:
 
 
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
+    """The autocast dtype, or None for plain fp32.
+
+    `auto`: bf16 on a CUDA device that supports it, else fp32. `fast`: also bf16 on a CPU with native
+    bf16 kernels (AVX512-BF16 or AMX), where it is ~1.5x faster than fp32, and fp32 on other CPUs,
+    where bf16 would be several times slower.
+    """
     name = name.lower()
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    if name in ("auto", "fast"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        return torch.bfloat16 if name == "fast" and device.type == "cpu" and cpu_has_bf16_kernels() else None
     if name in ("fp32", "float32"):
         return None
     if name in ("bf16", "bfloat16"):
         return torch.bfloat16
-    raise SystemExit(f"--dtype {name!r}: choose auto, fp32 or bf16 (fp16 needs loss scaling and is not supported)")
+    raise SystemExit(f"--dtype {name!r}: choose auto, fast, fp32 or bf16 (fp16 needs loss scaling and is not supported)")
 
 
 def _rng_state() -> dict:
