@@ -29,7 +29,9 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--resume", action="store_true", help="continue from OUT/trainer_state/ (exact: weights, optimizer, data position, RNG)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fast (auto, plus bf16 on a CPU with native bf16 kernels: AVX512-BF16/AMX), fp32 or bf16 (autocast)")
+    g.add_argument("--dtype", default="auto",
+                   help="auto (bf16 on CUDA, fp32 on CPU), fast (auto, plus bf16 on a CPU with native bf16 "
+                        "kernels: AVX512-BF16/AMX), fp32 or bf16 (autocast)")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--ema-decay", type=float, default=0.0,
                    help="save an exponential moving average of the trained weights with this decay (0: off)")

@@ -70,8 +70,8 @@ STAGES = {  # per stage: default data file, freeze policy, and per-preset Traine
                  # again: 4500 instead of 3000 gave VQA 0.692 vs 0.667 and unseen pairs 0.721 vs 0.683 (seed 42, all
                  # 600 held-out questions, 2026-12-05), for 2.1 more minutes. As data.scenes keeps them (the 9000 train images
                  # plus 27000 question-only ones, VLM pretraining unchanged): 0.667 / 0.691 against 0.632 / 0.656 before.
-                 # dtype `fast` (bf16 where the CPU has bf16 kernels, fp32 elsewhere): 346 s instead of 464-483 s with the
-                 # 2400-step CLIP, VQA 0.773 / unseen pairs 0.805 for the bf16 VLM stages (2026-12-06, seed 42).
+                 # dtype `fast` (bf16 where the CPU has bf16 kernels, fp32 elsewhere): this stage took 346 s in bf16 against
+                 # 464-483 s in fp32; on the 2400-step CLIP, bf16 VLM stages gave VQA 0.773 / unseen pairs 0.805 (2026-12-06, seed 42).
                  "tiny": dict(max_steps=4500, batch_size=16, lr=1e-3, warmup_steps=40, ema_decay=0.998, dtype="fast"),
                  "small": dict(epochs=2, batch_size=32, lr=3e-4, warmup_steps=100)}),
 }
