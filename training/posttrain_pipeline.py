@@ -310,7 +310,9 @@ def posttrain_distill(out: Path, world: Path, preset: str, sft: Path, limit: int
 
     max_len = get_preset(preset)["max_len"]
     m: dict[str, float] = {}
-    items = world_qa(world, None)  # all 320 at tiny: the students' EM gap was noise-sized on 200
+    # all held-out questions, not `limit` (the stages share one signature): 320 at tiny, where the
+    # students' EM gap was noise-sized on 200
+    items = world_qa(world, None)
     for name, extra in (("kd", []), ("sft", ["--alpha", "1.0"])):  # kd: the preset's alpha
         folder = out / f"distill_{name}"
         t = _run(folder, "model.safetensors", lambda: distill_main(
