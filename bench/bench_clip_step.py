@@ -8,8 +8,11 @@ AdamW) of `minimind-clip-tiny` with the stage's symmetric contrastive loss:
 - `open_clip`: `model(images, texts)`: the text tower runs on every caption padded to the full
   context (64 tokens);
 - `trimmed`: `training.pretrain_clip.clip_loss`: the same towers, the text batch cut to its longest
-  caption first (`encode_text_trimmed`; same features, tested).
-Contenders take turns (order alternates each round); each reports its median ms per step, and the
+  caption first (`encode_text_trimmed`; same features, tested);
+- on a CPU with bf16 kernels (AVX512-BF16/AMX, what `--dtype fast` checks), also `trimmed` under bf16
+  autocast twice: `bf16_flash` (PyTorch's default attention kernel) and `bf16_math` (the Trainer's
+  `forward_context`, which picks the math kernel under bf16 on a CPU).
+Contenders take turns (order rotates each round); each reports its median ms per step, and a
 speedup is the median of per-round ratios. Prints one JSON object.
 """
 from __future__ import annotations
@@ -24,10 +27,13 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from data.scenes import caption, sample_scene
 from data.scenes_render import render
 from training.pretrain_clip import clip_loss
+from training.trainer import forward_context
+from vlm.modeling_minimind import cpu_has_bf16_kernels
 from vlm.vision import clip_eval_transform, load_clip
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,6 +50,16 @@ def open_clip_loss(model, batch: dict) -> torch.Tensor:
 def ours_loss(model, batch: dict) -> torch.Tensor:
     out = clip_loss(model, batch)
     return out.loss_sum / out.count
+
+
+def bf16_flash_loss(model, batch: dict) -> torch.Tensor:
+    with torch.autocast("cpu", dtype=torch.bfloat16), sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
+        return ours_loss(model, batch)
+
+
+def bf16_math_loss(model, batch: dict) -> torch.Tensor:
+    with forward_context(torch.device("cpu"), torch.bfloat16):
+        return ours_loss(model, batch)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -68,6 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
     opt = torch.optim.AdamW(model.parameters(), 1e-4)
 
     contenders = {"open_clip": open_clip_loss, "trimmed": ours_loss}
+    if cpu_has_bf16_kernels():
+        contenders.update(bf16_flash=bf16_flash_loss, bf16_math=bf16_math_loss)
     for fn in contenders.values():
         ms_per_step(model, opt, batches, fn)  # warm-up
     ms = take_turns({k: (lambda fn=fn: ms_per_step(model, opt, batches, fn)) for k, fn in contenders.items()},
@@ -77,6 +95,11 @@ def main(argv: list[str] | None = None) -> dict:
               "context": int(batches[0]["texts"].shape[1]), "trimmed_length_median": statistics.median(lengths),
               "median_ms_per_step": {k: round(statistics.median(v), 1) for k, v in ms.items()},
               "speedup_trimmed_vs_open_clip": round(statistics.median(o / t for o, t in zip(ms["open_clip"], ms["trimmed"])), 2)}
+    if "bf16_math" in ms:
+        report["speedup_bf16_math_vs_bf16_flash"] = round(
+            statistics.median(f / m for f, m in zip(ms["bf16_flash"], ms["bf16_math"])), 2)
+        report["speedup_bf16_math_vs_trimmed_fp32"] = round(
+            statistics.median(t / m for t, m in zip(ms["trimmed"], ms["bf16_math"])), 2)
     print(json.dumps(report, indent=1))
     return report
 

@@ -142,6 +142,33 @@ def test_fast_dtype_is_bf16_only_on_a_cpu_with_bf16_kernels(tmp_path, monkeypatc
     assert auto.autocast_dtype is None  # auto stays fp32 on every CPU
 
 
+def test_bf16_forward_on_cpu_takes_the_math_attention_kernel_with_the_same_gradients():
+    import torch.nn.functional as F
+    from training.trainer import forward_context
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 64, requires_grad=True) for _ in range(3))
+
+    def attend(context):
+        with context:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            flash_allowed = torch.backends.cuda.flash_sdp_enabled()
+        out.float().square().sum().backward()
+        grads = [t.grad.clone() for t in (q, k, v)]
+        q.grad = k.grad = v.grad = None
+        return out.detach().float(), grads, flash_allowed
+
+    cpu = torch.device("cpu")
+    out_math, grads_math, flash_in_trainer = attend(forward_context(cpu, torch.bfloat16))
+    out_default, grads_default, flash_by_default = attend(torch.autocast("cpu", dtype=torch.bfloat16))
+    assert flash_by_default and not flash_in_trainer
+    assert torch.allclose(out_math, out_default, atol=3e-2)
+    for ours, default in zip(grads_math, grads_default):
+        assert (ours - default).norm() / default.norm() < 2e-2
+    with forward_context(cpu, None):  # fp32 keeps the default kernels
+        assert torch.backends.cuda.flash_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled()  # and the setting does not leak out
+
+
 def test_frozen_parameters_stay_bit_identical(tmp_path):
     start = {k: v.clone() for k, v in tiny_model().state_dict().items()}
     model = tiny_model()
