@@ -286,13 +286,17 @@ SWAP_GROUPS = _swap_groups()
 _HELD_OUT_TEXT = [f"{c} {s}" for c, s in HELD_OUT_PAIRS] + [f"{COLOURS[c][1]}{SHAPES[s][1]}" for c, s in HELD_OUT_PAIRS]
 
 
-def hard_negative(text: str, rng: random.Random, tries: int = 8) -> str | None:
+def hard_negative(text: str, rng: random.Random, tries: int = 8, swap_share: float = 0.0) -> str | None:
     """`text` with one attribute changed (colour, shape, size, position, count, bars or word), or None.
 
     A contrastive negative that differs from the true caption in a single fragment forces the encoder
     to see *every* attribute, not just the easiest one (colour) that already separates most in-batch
-    pairs. Negatives never name a held-out colour+shape pair: those stay unseen in training text too.
+    pairs. With probability `swap_share`, a caption of two objects gets `swapped_binding` instead:
+    the same words, bound to the other object. Negatives never name a held-out colour+shape pair:
+    those stay unseen in training text too.
     """
+    if swap_share and rng.random() < swap_share and (swapped := swapped_binding(text, rng)) is not None:
+        return swapped
     spots = [(i, frag, group) for group in SWAP_GROUPS for frag in group for i in _find_all(text, frag)]
     for _ in range(tries if spots else 0):
         i, frag, group = rng.choice(spots)
@@ -300,11 +304,32 @@ def hard_negative(text: str, rng: random.Random, tries: int = 8) -> str | None:
         others = [g for g in group if g not in text]
         if not others:
             continue
-        new = text[:i] + rng.choice(others) + text[i + len(frag):]
-        new = re.sub(r"\b(an?) (\w)", lambda m: ("an " if m[2] in "aeiou" else "a ") + m[2], new)
+        new = _fix_articles(text[:i] + rng.choice(others) + text[i + len(frag):])
         if new != text and not any(h in new for h in _HELD_OUT_TEXT):
             return new
     return None
+
+
+def swapped_binding(text: str, rng: random.Random) -> str | None:
+    """A two-object caption with one attribute exchanged between the objects ("a red star on the left
+    and a green diamond on the right" -> "a green star on the left and a red diamond on the right"),
+    or None when there is no such pair. Only which object holds what tells the two apart, which is
+    what questions about one object of a pair ask ("what colour is the star?")."""
+    swaps = []
+    for group in SWAP_GROUPS:
+        present = [(i, frag) for frag in group for i in _find_all(text, frag)]
+        if len(present) == 2 and present[0][1] != present[1][1]:
+            swaps.append(sorted(present))
+    rng.shuffle(swaps)
+    for (i, a), (j, b) in swaps:
+        new = _fix_articles(text[:i] + b + text[i + len(a):j] + a + text[j + len(b):])
+        if new != text and not any(h in new for h in _HELD_OUT_TEXT):
+            return new
+    return None
+
+
+def _fix_articles(text: str) -> str:
+    return re.sub(r"\b(an?) (\w)", lambda m: ("an " if m[2] in "aeiou" else "a ") + m[2], text)
 
 
 def colourless_caption(text: str) -> str | None:
@@ -314,8 +339,7 @@ def colourless_caption(text: str) -> str | None:
     if "bar chart" in text or "柱状图" in text:
         return None
     text = re.sub(rf"\b({'|'.join(COLOURS)}) ", "", text)
-    text = re.sub("|".join(v[1] for v in COLOURS.values()), "", text)
-    return re.sub(r"\b(an?) (\w)", lambda m: ("an " if m[2] in "aeiou" else "a ") + m[2], text)
+    return _fix_articles(re.sub("|".join(v[1] for v in COLOURS.values()), "", text))
 
 
 def _find_all(text: str, fragment: str) -> list[int]:

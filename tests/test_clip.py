@@ -123,7 +123,7 @@ def test_pretrain_clip_stage_end_to_end(tmp_path):
     write_scene_splits(tmp_path / "scenes", seed=0, scale="micro")
     out = tmp_path / "clip"
     summary = main(["--data", str(tmp_path / "scenes"), "--out", str(out), "--preset", "micro",
-                    "--max-steps", "6", "--batch-size", "16", "--eval-n", "20", "--hard-negatives", "1",
+                    "--max-steps", "6", "--batch-size", "16", "--eval-n", "20", "--hard-negatives", "1", "--swap-share", "0.5",
                     "--grey-copies", "0.5"])
     assert (out / CHECKPOINT_WEIGHTS).is_file() and (out / "metrics.jsonl").is_file()
     encoder = VisionEncoder.from_open_clip(pretrained=str(out))
@@ -148,4 +148,25 @@ def test_grey_copies_are_grey_and_say_no_colour(tmp_path):
         item = mixed[i]
         assert not any(c in item["caption"] for c in COLOURS)
         image = item["image"]  # normalised per channel, so grey pixels differ by the channel stats only
-        assert torch.allclose(image[0] * 0.26862954 + 0.48145466, image[1] * 0.26130258 + 0.4578275, atol=1e-4)
+        # (within fp16 rounding, far below one 8-bit level: 0.004)
+        assert torch.allclose(image[0] * 0.26862954 + 0.48145466, image[1] * 0.26130258 + 0.4578275, atol=1e-3)
+
+
+def test_caption_pairs_decode_each_image_once_and_give_the_same_pixels_from_memory(tmp_path):
+    from data.scenes import write_scene_splits
+    from training.pretrain_clip import CaptionPairs
+    from vlm.images import ImageError, load_image
+
+    write_scene_splits(tmp_path, seed=0, scale="micro")
+    preprocess = VisionEncoder.from_open_clip("minimind-clip-micro").preprocess
+    pairs = CaptionPairs(tmp_path / "clip_pretrain.jsonl", tmp_path / "images", preprocess)
+    uncached = CaptionPairs(tmp_path / "clip_pretrain.jsonl", tmp_path / "images", preprocess, cache_bytes=0)
+    exact = preprocess(load_image(pairs.rows[5][0]))
+    assert (pairs[5]["image"] - exact).abs().max() < 2e-3  # fp16 keeps far finer than one 8-bit level
+    assert torch.equal(uncached[5]["image"], pairs[5]["image"]) and not uncached.cache
+    first = [pairs[i]["image"] for i in range(4)]
+    for path, _, _ in pairs.rows[:4]:
+        path.unlink(missing_ok=True)  # from now on only the memory has them
+    assert all(torch.equal(a, pairs[i]["image"]) for i, a in enumerate(first))
+    with pytest.raises(ImageError):
+        uncached[0]  # its image is gone and nothing kept it

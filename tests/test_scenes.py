@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from data.scenes import (COLOURS, HELD_OUT_PAIRS, SCALES, SHAPES, caption, colourless_caption, hard_negative, questions, sample_scene,
+                         swapped_binding,
                          write_scene_splits)
 
 TYPES = {"colour", "shape", "size", "position", "count", "text", "chart", "caption"}
@@ -129,6 +130,34 @@ def test_hard_negative_changes_one_attribute_and_never_names_a_held_out_pair():
                 assert " a o" not in f" {neg}" and " an r" not in f" {neg}"
     assert changed < 400 * 1.2  # article fixes aside, exactly one word changes
     assert hard_negative("a photo of a cat", rng) is None  # nothing to swap: no negative
+
+
+def test_swapped_binding_exchanges_an_attribute_between_the_two_objects_only():
+    rng = random.Random(7)
+    held = [f"{c} {s}" for c, s in HELD_OUT_PAIRS] + [f"{COLOURS[c][1]}{SHAPES[s][1]}" for c, s in HELD_OUT_PAIRS]
+    swapped = 0
+    for _ in range(200):
+        scene = sample_scene(rng, "train", "pair")
+        for lang in ("en", "zh"):
+            text = caption(scene, lang)
+            neg = swapped_binding(text, rng)
+            if neg is None:
+                continue
+            swapped += 1
+            assert neg != text and sorted(neg) == sorted(text)  # the same characters, rearranged
+            assert not any(h in neg for h in held)
+            if lang == "en":  # both objects keep their slots: "a(n) COLOUR SHAPE on the POSITION and ..."
+                first, second = neg.split(" and ")
+                assert len(first.split()) == len(second.split()) == 6, neg
+                assert [w for w in neg.split() if w not in ("a", "an")] != [w for w in text.split() if w not in ("a", "an")]
+    assert swapped > 300  # nearly every pair caption has something to swap
+    for kind in ("single", "count", "text", "chart"):  # one object (or none): nothing to swap
+        scene = sample_scene(rng, "train", kind)
+        assert swapped_binding(caption(scene, "en"), rng) is None and swapped_binding(caption(scene, "zh"), rng) is None
+    neg = hard_negative("a red star on the left and a blue circle on the right", random.Random(0), swap_share=1.0)
+    assert neg in ("a blue star on the left and a red circle on the right",
+                   "a red circle on the left and a blue star on the right",
+                   "a red star on the right and a blue circle on the left")
 
 
 def test_colourless_caption_drops_every_colour_word_but_keeps_the_rest():

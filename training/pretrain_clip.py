@@ -8,7 +8,8 @@ turn is the caption). Image paths are relative to --images (default: `DATA/image
 
 The stage is the shared Trainer plus CLIP's symmetric InfoNCE loss over the in-batch pairs; with
 `--hard-negatives 1` every caption also brings a copy with one attribute changed ("a small red
-star" -> "a small red circle") as an extra negative for its image (NegCLIP-style). `--grey-copies P`
+star" -> "a small red circle") as an extra negative for its image (NegCLIP-style); `--swap-share P`
+makes that copy, for a share P of the two-object captions, the same words bound to the other object. `--grey-copies P`
 adds a grey copy of a share P of the images, captioned without colour words (`data.scenes`
 captions only; bar charts excluded): shapes must then be seen apart from their colour, which is
 what the held-out colour+shape pairs test. A batch's loss is a mean over its pairs, so the stage
@@ -68,10 +69,18 @@ def _caption_of(row: dict) -> str | None:
 
 
 class CaptionPairs(Dataset):
-    """(image path, caption) rows of a jsonl file; bad rows and missing images are skipped with a warning."""
+    """(image path, caption) rows of a jsonl file; bad rows and missing images are skipped with a warning.
 
-    def __init__(self, jsonl: Path, image_root: Path, preprocess, grey_copies: float = 0.0):
+    Preprocessed images are kept in memory (fp16: finer than the 8-bit pixels they came from) up to
+    `cache_bytes`: an image returns with every caption it has and in every epoch, and decoding it is
+    a tenth of a `tiny` step's time.
+    """
+
+    def __init__(self, jsonl: Path, image_root: Path, preprocess, grey_copies: float = 0.0,
+                 cache_bytes: int = 2 << 30):
         self.image_root, self.preprocess = image_root, preprocess
+        self.cache: dict[tuple[Path, bool], torch.Tensor] = {}
+        self.cache_bytes_left = cache_bytes
         self.rows: list[tuple[Path, str, bool]] = []  # (image, caption, show the image in grey)
         skipped = 0
         for n, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
@@ -105,19 +114,27 @@ class CaptionPairs(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         path, text, grey = self.rows[i]
+        if (cached := self.cache.get((path, grey))) is not None:
+            return {"image": cached.float(), "caption": text}
         image = load_image(path)
-        return {"image": self.preprocess(image.convert("L").convert("RGB") if grey else image), "caption": text}
+        # rounded to fp16 whether or not it is kept, so a cached image and a fresh one are the same
+        pixels = self.preprocess(image.convert("L").convert("RGB") if grey else image).half()
+        if self.cache_bytes_left >= pixels.nbytes:
+            self.cache[(path, grey)] = pixels
+            self.cache_bytes_left -= pixels.nbytes
+        return {"image": pixels.float(), "caption": text}
 
 
-def make_collate(tokenizer, hard_negatives: bool = False):
+def make_collate(tokenizer, hard_negatives: bool = False, swap_share: float = 0.0):
     """Images + tokenised captions; with `hard_negatives`, the batch's one-attribute-off captions
-    (`data.scenes.hard_negative`) are appended to `texts` after the B true ones."""
+    (`data.scenes.hard_negative`; a share `swap_share` of two-object ones swapped between the objects
+    instead) are appended to `texts` after the B true ones."""
     def collate(items: list[dict]) -> dict:
         captions = [it["caption"] for it in items]
         if hard_negatives:
             # seeded by the batch's own text: the same batch gets the same negatives (exact resume)
             rng = random.Random(zlib.crc32("\n".join(captions).encode()))
-            captions += [neg for c in captions if (neg := hard_negative(c, rng)) is not None]
+            captions += [neg for c in captions if (neg := hard_negative(c, rng, swap_share=swap_share)) is not None]
         return {"images": torch.stack([it["image"] for it in items]), "texts": tokenizer(captions)}
     return collate
 
@@ -187,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="folder the jsonl image paths are relative to (default: DATA/images)")
     p.add_argument("--hard-negatives", type=int, choices=(0, 1), default=0,
                    help="1: add one-attribute-off captions as extra negatives (default: from preset)")
+    p.add_argument("--swap-share", type=float, default=0.0,
+                   help="with --hard-negatives 1: share of two-object captions whose negative exchanges an "
+                        "attribute between the objects ('a red star and a blue circle' -> 'a blue star and a "
+                        "red circle') (default: from preset)")
     p.add_argument("--grey-copies", type=float, default=0.0,
                    help="share of rows also shown in grey with the colour words dropped (default: from preset)")
     p.add_argument("--eval-n", type=int, default=100, help="held-out scenes in the retrieval check (0: skip)")
@@ -225,7 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
     def save(m, out_dir):
         save_clip_checkpoint(getattr(m, "module", m), model_name, model_cfg, out_dir)
 
-    trainer = Trainer(model, dataset, make_collate(tokenizer, bool(args.hard_negatives)), clip_loss, config_from_args(args),
+    collate = make_collate(tokenizer, bool(args.hard_negatives), args.swap_share)
+    trainer = Trainer(model, dataset, collate, clip_loss, config_from_args(args),
                       count_fn=lambda b: len(b["images"]), save_fn=save)
     summary = trainer.train()
     is_main = not (torch.distributed.is_available() and torch.distributed.is_initialized()
