@@ -9,7 +9,8 @@ turn is the caption). Image paths are relative to --images (default: `DATA/image
 The stage is the shared Trainer plus CLIP's symmetric InfoNCE loss over the in-batch pairs; with
 `--hard-negatives 1` every caption also brings a copy with one attribute changed ("a small red
 star" -> "a small red circle") as an extra negative for its image (NegCLIP-style); `--swap-share P`
-makes that copy, for a share P of the two-object captions, the same words bound to the other object. `--grey-copies P`
+makes that copy, for a share P of the two-object captions, the same words bound to the other object
+("a red star ... and a blue circle ..." -> "a blue star ... and a red circle ..."). `--grey-copies P`
 adds a grey copy of a share P of the images, captioned without colour words (`data.scenes`
 captions only; bar charts excluded): shapes must then be seen apart from their colour, which is
 what the held-out colour+shape pairs test. A batch's loss is a mean over its pairs, so the stage

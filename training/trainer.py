@@ -118,8 +118,9 @@ def _resolve_device(name: str, local_rank: int) -> torch.device:
 def forward_context(device: torch.device, autocast_dtype: torch.dtype | None) -> Iterator[None]:
     """Autocast to `autocast_dtype` (None: plain fp32); under bf16 on a CPU, attention also takes
     PyTorch's math kernel rather than its flash one, whose bf16 backward is slow at our short
-    sequences: `bench/bench_clip_step.py` (2 threads, AVX512-BF16): a `minimind-clip-tiny` step 1.37x
-    faster, a VLM SFT step ~1.3x. In fp32 the flash kernel stays (there it is the faster one)."""
+    sequences: a `minimind-clip-tiny` step 1.38x faster (`bench/bench_clip_step.py`, 2 threads,
+    AVX512-BF16), the `tiny` VLM SFT stage's 4500 steps 1.14x. In fp32 the flash kernel stays (there
+    it is the faster one)."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                                            enabled=autocast_dtype is not None))
