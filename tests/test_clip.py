@@ -123,8 +123,8 @@ def test_pretrain_clip_stage_end_to_end(tmp_path):
     write_scene_splits(tmp_path / "scenes", seed=0, scale="micro")
     out = tmp_path / "clip"
     summary = main(["--data", str(tmp_path / "scenes"), "--out", str(out), "--preset", "micro",
-                    "--max-steps", "6", "--batch-size", "16", "--eval-n", "20", "--hard-negatives", "1", "--swap-share", "0.5",
-                    "--grey-copies", "0.5"])
+                    "--max-steps", "6", "--batch-size", "16", "--eval-n", "20", "--hard-negatives", "1",
+                    "--swap-share", "0.5", "--grey-copies", "0.5"])
     assert (out / CHECKPOINT_WEIGHTS).is_file() and (out / "metrics.jsonl").is_file()
     encoder = VisionEncoder.from_open_clip(pretrained=str(out))
     assert encoder.model_name == "minimind-clip-micro"
