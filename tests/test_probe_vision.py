@@ -2,7 +2,7 @@
 import torch
 from PIL import Image
 
-from training.probe_vision import layer_features, probe, ridge_accuracy
+from training.probe_vision import layer_features, object_patches, probe, probe_pairs, ridge_accuracy
 from vlm.vision import VisionEncoder
 
 
@@ -27,6 +27,19 @@ def test_features_of_every_layer_and_the_probe_report():
     report = probe(encoder, n_train=40, n_test=20)
     assert set(report) == {"position", "shape", "word", "shortest_bar"}
     assert report["shape"]["chance"] == 0.2 and all(0.0 <= v <= 1.0 for v in report["word"].values())
+
+
+def test_pair_probe_reads_the_patches_under_the_object():
+    from data.scenes import Obj
+    left = Obj("star", "red", "small", "left", x=0.26, y=0.5, r=0.1)  # 8x8 grid: between columns 1-2, rows 3-4
+    assert object_patches(left, 8) == [25, 26, 33, 34]
+    corner = Obj("star", "red", "small", "", x=0.99, y=0.01, r=0.1)  # the block stays inside the grid
+    assert object_patches(corner, 8) == [6, 7, 14, 15]
+    report = probe_pairs(VisionEncoder.from_open_clip("minimind-clip-micro"), n_train=40, n_test=20)
+    layers = len(VisionEncoder.from_open_clip("minimind-clip-micro").visual.transformer.resblocks)
+    assert set(report) == {"pair_own_shape", "pair_other_shape"}
+    assert set(report["pair_own_shape"]) == {f"layer_{k}" for k in range(layers)} | {"final", "chance"}
+    assert all(0.0 <= v <= 1.0 for v in report["pair_other_shape"].values())
 
 
 def test_vlm_probe_follows_the_projected_tokens_into_the_lm(tmp_path):

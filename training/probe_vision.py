@@ -10,6 +10,11 @@ training-split scenes and scores `--test` others, once on the flattened patch to
 every slot, the kind of readout attention does easily). If a probe is high and the VLM's answers
 are low, the VLM is not reading what the encoder gives it.
 
+`--vision` also probes two-object scenes for binding: from the 2x2 patches nearest one object, the
+shape of that object (`pair_own_shape`) and of the other one (`pair_other_shape`). A token that
+reads the other object's shape as well as its own describes the whole picture, not its place, and
+"the tokens of the red object" then name both shapes.
+
 `--vlm` follows the same information through a trained MiniMind-V, with the question asked: the
 projected image tokens (`projected`), the image tokens' hidden states after each LM layer
 (`lm_<k>_image`) and the hidden state at the position that predicts the answer (`lm_<k>_answer`).
@@ -27,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from data.scenes import COLOURS, POSITIONS, SHAPES, WORDS, Scene, sample_scene, shortest_bar
+from data.scenes import COLOURS, POSITIONS, SHAPES, WORDS, Obj, Scene, sample_scene, shortest_bar
 from data.scenes_render import render
 from vlm.vision import VisionEncoder, captured_outputs
 
@@ -96,6 +101,33 @@ def probe(encoder: VisionEncoder, n_train: int = 1500, n_test: int = 300, seed: 
     return _probe(lambda images, name: layer_features(encoder, images), encoder.image_size, n_train, n_test, seed)
 
 
+def object_patches(obj: Obj, grid: int) -> list[int]:
+    """Indices (row-major in a `grid` x `grid` patch grid) of the 2x2 patches nearest `obj`'s centre."""
+    x0 = min(max(int(obj.x * grid - 0.5), 0), grid - 2)
+    y0 = min(max(int(obj.y * grid - 0.5), 0), grid - 2)
+    return [(y0 + dy) * grid + x0 + dx for dy in (0, 1) for dx in (0, 1)]
+
+
+def probe_pairs(encoder: VisionEncoder, n_train: int = 1500, n_test: int = 300, seed: int = 0) -> dict:
+    """Binding probes on two-object scenes: from the patches at the first object (every layer), that
+    object's shape and the other object's."""
+    rng_train, rng_test = random.Random(f"probe-{seed}-pair-train"), random.Random(f"probe-{seed}-pair-test")
+    scenes = ([sample_scene(rng_train, "train", "pair") for _ in range(n_train)]
+              + [sample_scene(rng_test, "train", "pair") for _ in range(n_test)])
+    feats = layer_features(encoder, [render(s, encoder.image_size) for s in scenes])
+    n, grid = encoder.num_patches, round(encoder.num_patches ** 0.5)
+    at_object = {name: torch.stack([f.reshape(n, -1)[object_patches(s.objects[0], grid)].flatten()
+                                    for s, f in zip(scenes, feats[name])])
+                 for name in feats if name != "final_mean"}
+    report = {}
+    for key, which in (("pair_own_shape", 0), ("pair_other_shape", 1)):
+        y = torch.tensor([list(SHAPES).index(s.objects[which].shape) for s in scenes])
+        report[key] = {name: round(ridge_accuracy(x[:n_train], y[:n_train], x[n_train:], y[n_train:], len(SHAPES)), 3)
+                       for name, x in at_object.items()}
+        report[key]["chance"] = round(1 / len(SHAPES), 3)
+    return report
+
+
 def probe_vlm(model, processor, n_train: int = 1500, n_test: int = 300, seed: int = 0) -> dict:
     """Probes along a MiniMind-V: projected image tokens, then each LM layer's image and answer states."""
     model.eval()
@@ -136,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         encoder = (VisionEncoder.from_open_clip(pretrained=args.vision) if Path(args.vision).is_dir()
                    else VisionEncoder.from_open_clip(args.vision))
-        report = probe(encoder, args.train, args.test, args.seed)
+        report = probe(encoder, args.train, args.test, args.seed) | probe_pairs(encoder, args.train, args.test, args.seed)
     print(json.dumps(report, indent=2))
     return report
 
