@@ -35,8 +35,9 @@ def test_pair_probe_reads_the_patches_under_the_object():
     assert object_patches(left, 8) == [25, 26, 33, 34]
     corner = Obj("star", "red", "small", "", x=0.99, y=0.01, r=0.1)  # the block stays inside the grid
     assert object_patches(corner, 8) == [6, 7, 14, 15]
-    report = probe_pairs(VisionEncoder.from_open_clip("minimind-clip-micro"), n_train=40, n_test=20)
-    layers = len(VisionEncoder.from_open_clip("minimind-clip-micro").visual.transformer.resblocks)
+    encoder = VisionEncoder.from_open_clip("minimind-clip-micro")
+    report = probe_pairs(encoder, n_train=40, n_test=20)
+    layers = len(encoder.visual.transformer.resblocks)
     assert set(report) == {"pair_own_shape", "pair_other_shape"}
     assert set(report["pair_own_shape"]) == {f"layer_{k}" for k in range(layers)} | {"final", "chance"}
     assert all(0.0 <= v <= 1.0 for v in report["pair_other_shape"].values())

@@ -149,7 +149,6 @@ def test_swapped_binding_exchanges_an_attribute_between_the_two_objects_only():
             if lang == "en":  # both objects keep their slots: "a(n) COLOUR SHAPE on the POSITION and ..."
                 first, second = neg.split(" and ")
                 assert len(first.split()) == len(second.split()) == 6, neg
-                assert [w for w in neg.split() if w not in ("a", "an")] != [w for w in text.split() if w not in ("a", "an")]
     assert swapped > 300  # nearly every pair caption has something to swap
     for kind in ("single", "count", "text", "chart"):  # one object (or none): nothing to swap
         scene = sample_scene(rng, "train", kind)

@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         encoder = (VisionEncoder.from_open_clip(pretrained=args.vision) if Path(args.vision).is_dir()
                    else VisionEncoder.from_open_clip(args.vision))
-        report = probe(encoder, args.train, args.test, args.seed) | probe_pairs(encoder, args.train, args.test, args.seed)
+        sizes = (args.train, args.test, args.seed)
+        report = probe(encoder, *sizes) | probe_pairs(encoder, *sizes)
     print(json.dumps(report, indent=2))
     return report
 
