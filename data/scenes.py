@@ -13,8 +13,9 @@ often and are flagged `"unseen_combo": true`.
 
 `write_scene_splits(out_dir, seed, scale)` writes, in minimind-v's formats (image paths are relative
 to `out_dir/images`, like minimind-v's `--images_path`):
-- `clip_pretrain.jsonl`  `{"image", "caption", "lang"}` (one line per image and language; the train
-                         images plus the caption-only `clip` images)
+- `clip_pretrain.jsonl`  `{"image", "caption", "lang"[, "regions"]}` (one line per image and language;
+                         the train images plus the caption-only `clip` images); scenes of shapes
+                         add `regions`: `[{"box": [x0, y0, x1, y1], "caption"}]`, one per shape
 - `vlm_pretrain.jsonl`   `{"conversations": [user "<image>\\nDescribe...", assistant caption], "image"}`
 - `vlm_sft.jsonl`        `{"conversations": [user "<image>\\nquestion", assistant answer], "image", "type", "lang"}`
                          (the train images' questions, then those of the question-only `sft` images)
@@ -217,6 +218,19 @@ def caption(scene: Scene, lang: str) -> str:
     raise ValueError(scene.kind)
 
 
+def regions(scene: Scene, lang: str) -> list[dict]:
+    """Each object's box (fractions of the image: x0, y0, x1, y1) and its own short caption ("an
+    orange star" / "橙色星形"): region-caption pairs as in RegionCLIP, for a CLIP loss that makes the
+    patch tokens at an object describe that object rather than the whole picture."""
+    out = []
+    for o in scene.objects:
+        text = f"{COLOURS[o.colour][1]}{SHAPES[o.shape][1]}" if lang == "zh" else \
+            _fix_articles(f"a {o.colour} {o.shape}")
+        box = [round(min(max(v, 0.0), 1.0), 4) for v in (o.x - o.r, o.y - o.r, o.x + o.r, o.y + o.r)]
+        out.append({"box": box, "caption": text})
+    return out
+
+
 def tallest_bar(scene: Scene) -> str:
     return max(zip(scene.bar_colours, scene.bars), key=lambda cb: cb[1][1])[0]
 
@@ -391,7 +405,9 @@ def write_scene_splits(out_dir: str | Path, seed: int = 0, scale: str = "tiny", 
                 render(scene, spec["size"]).save(out / "images" / image, optimize=False)
             en, zh = caption(scene, "en"), caption(scene, "zh")
             if split in ("train", "clip"):
-                clip_rows += [{"image": image, "caption": en, "lang": "en"}, {"image": image, "caption": zh, "lang": "zh"}]
+                for lang, text in (("en", en), ("zh", zh)):
+                    clip_rows.append({"image": image, "caption": text, "lang": lang}
+                                     | ({"regions": regions(scene, lang)} if scene.objects else {}))
             if split == "train":
                 for lang, text in (("en", en), ("zh", zh)):
                     pre_rows.append({"conversations": _chat(rng.choice(DESCRIBE[lang]), text), "image": image})

@@ -52,8 +52,8 @@ class Fixed(torch.nn.Module):
         self.img, self.txt = torch.nn.Parameter(img), torch.nn.Parameter(txt)
         self.logit_scale = torch.nn.Parameter(torch.tensor(50.0).log())
 
-    def encode_image(self, images, normalize=False):
-        return torch.nn.functional.normalize(self.img, dim=-1) if normalize else self.img
+    def visual(self, images):  # a vision tower that returns its pooled features only
+        return self.img
 
     def encode_text(self, texts):
         return self.txt
@@ -115,6 +115,80 @@ def test_hard_negatives_compete_for_the_image_only():
     assert batch["texts"] == collate(items)["texts"]  # the same batch gets the same negatives
 
 
+def test_box_weights_share_each_box_over_the_patches_it_covers():
+    from training.pretrain_clip import box_weights
+
+    boxes = torch.tensor([[0.0, 0.0, 0.5, 1.0], [0.1, 0.1, 0.4, 0.4], [0.25, 0.25, 0.75, 0.75], [0.5, 0.0, 1.0, 0.25]])
+    weights = box_weights(boxes, (2, 2))  # patches row-major: top-left, top-right, bottom-left, bottom-right
+    expected = torch.tensor([[0.5, 0, 0.5, 0], [1, 0, 0, 0], [0.25, 0.25, 0.25, 0.25], [0, 1, 0, 0]])
+    assert torch.allclose(weights, expected)
+
+
+def test_boxes_follow_open_clips_crop_and_pad():
+    from training.pretrain_clip import box_after_preprocess
+
+    wide = (200, 100)  # the shortest side is kept whole: the middle 100 columns are what the encoder sees
+    assert box_after_preprocess((0.25, 0.0, 0.75, 1.0), wide, "shortest") == (0.0, 0.0, 1.0, 1.0)
+    assert box_after_preprocess((0.0, 0.0, 0.25, 0.5), wide, "shortest") == (0.0, 0.0, 0.0, 0.5)  # cropped away
+    assert box_after_preprocess((0.0, 0.0, 1.0, 1.0), wide, "longest") == (0.0, 0.25, 1.0, 0.75)  # padded above
+    assert box_after_preprocess((0.1, 0.2, 0.3, 0.4), wide, "squash") == (0.1, 0.2, 0.3, 0.4)
+
+
+class TwoObjects(torch.nn.Module):
+    """A picture whose left half of a 2x2 patch grid holds feature A and right half feature B; the
+    text tower maps caption id k to feature k (A = 0, B = 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.feats = torch.nn.Parameter(torch.eye(2))
+        self.logit_scale = torch.nn.Parameter(torch.tensor(50.0).log())
+        outer = self
+
+        class Visual(torch.nn.Module):
+            grid_size, proj = (2, 2), torch.eye(2)
+
+            def forward(self, images):
+                a, b = outer.feats
+                tokens = torch.stack([a, b, a, b])[None].expand(len(images), 4, 2)
+                return tokens.mean(1), tokens
+
+        self.visual = Visual()
+
+    def encode_text(self, texts):
+        return self.feats[texts[:, 0]]
+
+
+def test_region_loss_asks_each_objects_patches_for_its_own_caption():
+    from training.pretrain_clip import make_clip_loss
+
+    batch = {"images": torch.zeros(1, 3, 8, 8), "texts": torch.tensor([[0]]),
+             "region_boxes": torch.tensor([[0.0, 0.1, 0.45, 0.9], [0.55, 0.1, 1.0, 0.9]]),
+             "region_image": torch.tensor([0, 0]), "region_texts": torch.tensor([[0], [1]])}
+    right = make_clip_loss(1.0)(TwoObjects(), batch | {"region_target": torch.tensor([0, 1])})
+    swapped = make_clip_loss(1.0)(TwoObjects(), batch | {"region_target": torch.tensor([1, 0])})
+    assert right.metrics["region_acc"] == 1.0 and swapped.metrics["region_acc"] == 0.0
+    assert right.metrics["region_loss"] < 1e-6 and swapped.metrics["region_loss"] > 10
+    assert right.loss_sum < swapped.loss_sum
+    off = make_clip_loss(0.0)(TwoObjects(), batch | {"region_target": torch.tensor([1, 0])})
+    assert "region_loss" not in off.metrics and torch.allclose(off.loss_sum, right.loss_sum - right.metrics["region_loss"])
+
+
+def test_collate_gathers_the_batchs_regions_with_their_distinct_captions():
+    from training.pretrain_clip import make_collate
+
+    collate = make_collate(lambda texts: list(texts))
+    box = (0.1, 0.1, 0.4, 0.4)
+    items = [{"image": torch.zeros(3, 8, 8), "caption": "a red star and a blue circle",
+              "regions": [(box, "a red star"), (box, "a blue circle")]},
+             {"image": torch.zeros(3, 8, 8), "caption": 'the word "cat"', "regions": []},
+             {"image": torch.zeros(3, 8, 8), "caption": "a red star", "regions": [(box, "a red star")]}]
+    batch = collate(items)
+    assert batch["region_image"].tolist() == [0, 0, 2] and batch["region_boxes"].shape == (3, 4)
+    assert [batch["region_texts"][k] for k in batch["region_target"]] == ["a red star", "a blue circle", "a red star"]
+    assert len(batch["region_texts"]) == 2
+    assert "region_boxes" not in collate(items[1:2])
+
+
 def test_pretrain_clip_stage_end_to_end(tmp_path):
     pytest.importorskip("training.trainer", reason="training.trainer not available yet")
     from data.scenes import write_scene_splits
@@ -124,8 +198,10 @@ def test_pretrain_clip_stage_end_to_end(tmp_path):
     out = tmp_path / "clip"
     summary = main(["--data", str(tmp_path / "scenes"), "--out", str(out), "--preset", "micro",
                     "--max-steps", "6", "--batch-size", "16", "--eval-n", "20", "--hard-negatives", "1",
-                    "--swap-share", "0.5", "--grey-copies", "0.5"])
+                    "--swap-share", "0.5", "--grey-copies", "0.5", "--region-weight", "1"])
     assert (out / CHECKPOINT_WEIGHTS).is_file() and (out / "metrics.jsonl").is_file()
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(0 <= row.get("region_acc", -1) <= 1 for row in logged)  # the scenes' regions reached the loss
     encoder = VisionEncoder.from_open_clip(pretrained=str(out))
     assert encoder.model_name == "minimind-clip-micro"
     assert encoder.identity != VisionEncoder.from_open_clip("minimind-clip-micro", seed=0).identity
@@ -142,7 +218,7 @@ def test_grey_copies_are_grey_and_say_no_colour(tmp_path):
     preprocess = VisionEncoder.from_open_clip("minimind-clip-micro").preprocess
     plain = CaptionPairs(tmp_path / "clip_pretrain.jsonl", tmp_path / "images", preprocess)
     mixed = CaptionPairs(tmp_path / "clip_pretrain.jsonl", tmp_path / "images", preprocess, grey_copies=0.5)
-    greys = [i for i, (_, _, grey) in enumerate(mixed.rows) if grey]
+    greys = [i for i, (_, _, grey, _) in enumerate(mixed.rows) if grey]
     assert mixed.rows[:len(plain)] == plain.rows and len(greys) == len(mixed) - len(plain) > len(plain) // 5
     for i in greys[:5]:
         item = mixed[i]
@@ -165,8 +241,25 @@ def test_caption_pairs_decode_each_image_once_and_give_the_same_pixels_from_memo
     assert (pairs[5]["image"] - exact).abs().max() < 2e-3  # fp16 keeps far finer than one 8-bit level
     assert torch.equal(uncached[5]["image"], pairs[5]["image"]) and not uncached.cache
     first = [pairs[i]["image"] for i in range(4)]
-    for path, _, _ in pairs.rows[:4]:
+    for path, *_ in pairs.rows[:4]:
         path.unlink(missing_ok=True)  # from now on only the memory has them
     assert all(torch.equal(a, pairs[i]["image"]) for i, a in enumerate(first))
     with pytest.raises(ImageError):
         uncached[0]  # its image is gone and nothing kept it
+
+
+def test_a_row_with_a_bad_region_is_skipped_and_named(tmp_path, caplog):
+    from PIL import Image
+
+    from training.pretrain_clip import CaptionPairs
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 32), "white").save(tmp_path / "images" / "a.png")
+    good = {"image": "a.png", "caption": "a red star", "regions": [{"box": [0.5, 0, 1, 1], "caption": "a red star"}]}
+    bad = {"image": "a.png", "caption": "a red star", "regions": [{"box": [0.6, 0, 0.2, 1], "caption": "x"}]}
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in (good, bad)) + "\n")
+    preprocess = VisionEncoder.from_open_clip("minimind-clip-micro").preprocess
+    pairs = CaptionPairs(tmp_path / "rows.jsonl", tmp_path / "images", preprocess)
+    assert len(pairs) == 1 and "rows.jsonl:2" in caplog.text and "regions[0].box" in caplog.text
+    # the wide picture is centre-cropped to its middle half; a box over its right half keeps the crop's right half
+    assert pairs[0]["regions"] == [((0.5, 0.0, 1.0, 1.0), "a red star")]

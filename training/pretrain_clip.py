@@ -72,6 +72,33 @@ def _caption_of(row: dict) -> str | None:
     return turns[-1].get("content") if turns else None
 
 
+def _regions_of(row: dict) -> tuple:
+    """`regions: [{"box": [x0, y0, x1, y1] (fractions of the image), "caption"}]` -> ((box, caption), ...)."""
+    out = []
+    for k, region in enumerate(row.get("regions") or []):
+        box, text = region.get("box"), region.get("caption")
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+                and 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
+            raise ValueError(f"regions[{k}].box must be [x0, y0, x1, y1], fractions with x0 < x1, y0 < y1")
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"regions[{k}].caption must be a non-empty string")
+        out.append((tuple(float(v) for v in box), text.strip()))
+    return tuple(out)
+
+
+def box_after_preprocess(box: tuple, size: tuple[int, int], resize_mode: str = "shortest") -> tuple:
+    """A box in fractions of the original `size` (w, h) -> fractions of the square the encoder sees
+    after open_clip's resize: `shortest` centre-crops, `longest` pads, `squash` stretches."""
+    w, h = size
+    if resize_mode == "squash" or w == h:
+        return box
+    side = min(w, h) if resize_mode == "shortest" else max(w, h)
+    dx, dy = (side - w) / 2, (side - h) / 2  # negative: cropped away; positive: padding
+    x0, y0, x1, y1 = ((box[0] * w + dx) / side, (box[1] * h + dy) / side,
+                      (box[2] * w + dx) / side, (box[3] * h + dy) / side)
+    return tuple(min(max(v, 0.0), 1.0) for v in (x0, y0, x1, y1))
+
+
 class CaptionPairs(Dataset):
     """(image path, caption) rows of a jsonl file; bad rows and missing images are skipped with a warning.
 
@@ -81,11 +108,11 @@ class CaptionPairs(Dataset):
     """
 
     def __init__(self, jsonl: Path, image_root: Path, preprocess, grey_copies: float = 0.0,
-                 cache_bytes: int = 2 << 30):
-        self.image_root, self.preprocess = image_root, preprocess
+                 cache_bytes: int = 2 << 30, resize_mode: str = "shortest"):
+        self.image_root, self.preprocess, self.resize_mode = image_root, preprocess, resize_mode
         self.cache: dict[tuple[Path, bool], torch.Tensor] = {}
         self.cache_bytes_left = cache_bytes
-        self.rows: list[tuple[Path, str, bool]] = []  # (image, caption, show the image in grey)
+        self.rows: list[tuple[Path, str, bool, tuple]] = []  # (image, caption, show in grey, regions)
         skipped = 0
         for n, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
@@ -98,16 +125,18 @@ class CaptionPairs(Dataset):
                 path = image_root / image
                 if not path.is_file():
                     raise ValueError(f"image {path} not found")
-            except (ValueError, AttributeError) as e:
+                regions = _regions_of(row)
+            except (ValueError, AttributeError, TypeError) as e:
                 skipped += 1
                 if skipped <= 5:
                     log.warning("%s:%d: skipped (%s)", jsonl, n, e)
                 continue
-            self.rows.append((path, text.replace("<image>", "").strip(), False))
+            self.rows.append((path, text.replace("<image>", "").strip(), False, regions))
         if skipped:
             log.warning("%s: %d bad rows skipped, %d kept", jsonl, skipped, len(self.rows))
         # a fixed share of rows (chosen by a hash: same rows every run) also appear in grey
-        self.rows += [(path, grey, True) for path, text, _ in list(self.rows)
+        # (without regions: their captions name colours)
+        self.rows += [(path, grey, True, ()) for path, text, _, _ in list(self.rows)
                       if zlib.crc32(f"{path}|{text}".encode()) % 1000 < grey_copies * 1000
                       and (grey := colourless_caption(text)) is not None]
         if not self.rows:
@@ -117,50 +146,103 @@ class CaptionPairs(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
-        path, text, grey = self.rows[i]
-        if (cached := self.cache.get((path, grey))) is not None:
-            return {"image": cached.float(), "caption": text}
-        image = load_image(path)
-        # rounded to fp16 whether or not it is kept, so a cached image and a fresh one are the same
-        pixels = self.preprocess(image.convert("L").convert("RGB") if grey else image).half()
-        if self.cache_bytes_left >= pixels.nbytes:
-            self.cache[(path, grey)] = pixels
-            self.cache_bytes_left -= pixels.nbytes
-        return {"image": pixels.float(), "caption": text}
+        path, text, grey, regions = self.rows[i]
+        if (cached := self.cache.get((path, grey))) is None:
+            image = load_image(path)
+            # rounded to fp16 whether or not it is kept, so a cached image and a fresh one are the same
+            pixels = self.preprocess(image.convert("L").convert("RGB") if grey else image).half()
+            cached = (pixels, image.size)
+            if self.cache_bytes_left >= pixels.nbytes:
+                self.cache[(path, grey)] = cached
+                self.cache_bytes_left -= pixels.nbytes
+        pixels, size = cached
+        return {"image": pixels.float(), "caption": text,
+                "regions": [(box_after_preprocess(box, size, self.resize_mode), cap) for box, cap in regions]}
 
 
 def make_collate(tokenizer, hard_negatives: bool = False, swap_share: float = 0.0):
     """Images + tokenised captions; with `hard_negatives`, the batch's one-attribute-off captions
     (`data.scenes.hard_negative`; a share `swap_share` of two-object ones swapped between the objects
-    instead) are appended to `texts` after the B true ones."""
+    instead) are appended to `texts` after the B true ones. Rows with regions add `region_boxes`
+    [R, 4], `region_image` [R] (which image), `region_texts` (the batch's distinct region captions,
+    tokenised) and `region_target` [R] (each region's caption among them)."""
     def collate(items: list[dict]) -> dict:
         captions = [it["caption"] for it in items]
         if hard_negatives:
             # seeded by the batch's own text: the same batch gets the same negatives (exact resume)
             rng = random.Random(zlib.crc32("\n".join(captions).encode()))
             captions += [neg for c in captions if (neg := hard_negative(c, rng, swap_share=swap_share)) is not None]
-        return {"images": torch.stack([it["image"] for it in items]), "texts": tokenizer(captions)}
+        batch = {"images": torch.stack([it["image"] for it in items]), "texts": tokenizer(captions)}
+        regions = [(i, box, text) for i, it in enumerate(items) for box, text in it.get("regions", ())]
+        if regions:
+            distinct = sorted({text for _, _, text in regions})
+            batch |= {"region_boxes": torch.tensor([box for _, box, _ in regions], dtype=torch.float32),
+                      "region_image": torch.tensor([i for i, _, _ in regions]),
+                      "region_texts": tokenizer(distinct),
+                      "region_target": torch.tensor([distinct.index(text) for _, _, text in regions])}
+        return batch
     return collate
 
 
-def clip_loss(model, batch: dict) -> LossOutput:
+def box_weights(boxes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """[R, 4] boxes (fractions) -> [R, gh * gw]: the share of each box's area on each patch (rows sum to 1)."""
+    gh, gw = grid
+    xs, ys = torch.arange(gw + 1, device=boxes.device) / gw, torch.arange(gh + 1, device=boxes.device) / gh
+    # 1-d overlaps of each box with each patch column / row, then their outer product
+    ox = (torch.minimum(boxes[:, 2:3], xs[None, 1:]) - torch.maximum(boxes[:, 0:1], xs[None, :-1])).clamp(min=0)
+    oy = (torch.minimum(boxes[:, 3:4], ys[None, 1:]) - torch.maximum(boxes[:, 1:2], ys[None, :-1])).clamp(min=0)
+    area = (oy[:, :, None] * ox[:, None, :]).flatten(1)
+    return area / area.sum(1, keepdim=True).clamp(min=1e-12)
+
+
+def make_clip_loss(region_weight: float = 0.0):
     """Symmetric contrastive loss of the batch; one unit per image-caption pair.
 
     `texts` may hold more rows than `images`: the extra rows are hard negatives, which compete in
     the image->text direction only (they have no image of their own).
+
+    With `region_weight` > 0 and regions in the batch, each region's patch tokens, averaged by how
+    much of the box each patch holds and projected as the pooled image is, must also pick that
+    region's own caption among the batch's distinct region captions (RegionCLIP-style). Those include
+    the other objects of the same picture, so a token cannot just describe the whole picture: the
+    mean pool alone gives every patch the same gradient, and our tokens at one object read the
+    other object's shape about as well as their own (`training.probe_vision`, pair probes).
     """
-    device = next(model.parameters()).device
-    image_features = model.encode_image(batch["images"].to(device), normalize=True)
-    text_features = F.normalize(encode_text_trimmed(model, batch["texts"].to(device)), dim=-1)
-    logit_scale = model.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
-    n = len(image_features)
-    logits = logit_scale * image_features @ text_features.T  # [B, B + negatives]
-    target = torch.arange(n, device=device)
-    loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :n].T, target)) / 2
-    with torch.no_grad():
-        acc = (logits.argmax(dim=1) == target).float().mean()
-    return LossOutput(loss_sum=loss * n, count=n,
-                      metrics={"batch_i2t_acc": float(acc), "logit_scale": float(logit_scale.detach())})
+    def clip_loss(model, batch: dict) -> LossOutput:
+        device = next(model.parameters()).device
+        visual = model.visual
+        out = visual(batch["images"].to(device))
+        pooled, tokens = out if isinstance(out, tuple) else (out, None)
+        image_features = F.normalize(pooled, dim=-1)
+        text_features = F.normalize(encode_text_trimmed(model, batch["texts"].to(device)), dim=-1)
+        logit_scale = model.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+        n = len(image_features)
+        logits = logit_scale * image_features @ text_features.T  # [B, B + negatives]
+        target = torch.arange(n, device=device)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :n].T, target)) / 2
+        with torch.no_grad():
+            acc = (logits.argmax(dim=1) == target).float().mean()
+        metrics = {"batch_i2t_acc": float(acc), "logit_scale": float(logit_scale.detach())}
+        if region_weight > 0 and "region_boxes" in batch:
+            if tokens is None or visual.proj is None:
+                raise ValueError("region loss: the vision tower must return patch tokens and have a projection")
+            grid = tuple(visual.grid_size)
+            weights = box_weights(batch["region_boxes"].to(device), grid)  # [R, N]
+            region = torch.einsum("rn,rnd->rd", weights.to(tokens.dtype), tokens[batch["region_image"].to(device)])
+            region = F.normalize(region @ visual.proj, dim=-1)
+            region_text = F.normalize(encode_text_trimmed(model, batch["region_texts"].to(device)), dim=-1)
+            region_logits = logit_scale * region @ region_text.T  # [R, distinct captions]
+            region_target = batch["region_target"].to(device)
+            region_loss = F.cross_entropy(region_logits, region_target)
+            loss = loss + region_weight * region_loss
+            with torch.no_grad():
+                metrics |= {"region_loss": float(region_loss),
+                            "region_acc": float((region_logits.argmax(1) == region_target).float().mean())}
+        return LossOutput(loss_sum=loss * n, count=n, metrics=metrics)
+    return clip_loss
+
+
+clip_loss = make_clip_loss()  # the plain image-caption loss
 
 
 # -- held-out retrieval ------------------------------------------------------------------------------
@@ -214,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "red circle') (default: from preset)")
     p.add_argument("--grey-copies", type=float, default=0.0,
                    help="share of rows also shown in grey with the colour words dropped (default: from preset)")
+    p.add_argument("--region-weight", type=float, default=0.0,
+                   help="weight of the region-caption loss on rows with `regions` (0: off) (default: from preset)")
     p.add_argument("--eval-n", type=int, default=100, help="held-out scenes in the retrieval check (0: skip)")
     return p
 
@@ -241,17 +325,19 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         model, model_name, model_cfg, tok_id = load_clip(args.model, None, seed=args.seed)
     model.output_dict = False
+    model.visual.output_tokens = True  # (pooled, patch tokens): the region loss reads the tokens
     # open_clip's eval transform, also for training: random crops or flips would change the
     # left/right/top answers of the scenes.
-    preprocess, _ = clip_eval_transform(model)
-    dataset = CaptionPairs(jsonl, image_root, preprocess, args.grey_copies)
+    preprocess, preprocess_cfg = clip_eval_transform(model)
+    dataset = CaptionPairs(jsonl, image_root, preprocess, args.grey_copies,
+                           resize_mode=preprocess_cfg.get("resize_mode", "shortest"))
     tokenizer = open_clip.get_tokenizer(tok_id)
 
     def save(m, out_dir):
         save_clip_checkpoint(getattr(m, "module", m), model_name, model_cfg, out_dir)
 
     collate = make_collate(tokenizer, bool(args.hard_negatives), args.swap_share)
-    trainer = Trainer(model, dataset, collate, clip_loss, config_from_args(args),
+    trainer = Trainer(model, dataset, collate, make_clip_loss(args.region_weight), config_from_args(args),
                       count_fn=lambda b: len(b["images"]), save_fn=save)
     summary = trainer.train()
     is_main = not (torch.distributed.is_available() and torch.distributed.is_initialized()
