@@ -13,7 +13,11 @@ makes that copy, for a share P of the two-object captions, the same words bound 
 ("a red star ... and a blue circle ..." -> "a blue star ... and a red circle ..."). `--grey-copies P`
 adds a grey copy of a share P of the images, captioned without colour words (`data.scenes`
 captions only; bar charts excluded): shapes must then be seen apart from their colour, which is
-what the held-out colour+shape pairs test. A batch's loss is a mean over its pairs, so the stage
+what the held-out colour+shape pairs test. `--region-weight W` adds a RegionCLIP-style loss on
+rows with `regions` (per-object boxes and captions, which `data.scenes` writes): each object's patch
+tokens, pooled by box overlap, must pick that object's own caption among the batch's. It is off by
+default: on the tiny scenes it cost 12% of the step time and left VQA where it was (0.777 vs 0.788,
+docs/experiments.md). A batch's loss is a mean over its pairs, so the stage
 reports `loss_sum = loss * batch` with one unit per pair. Note: contrastive negatives come from one micro-batch, so unlike the LM stages a
 larger --batch-size is not equivalent to --grad-accum (nor, under DDP, to more ranks).
 
