@@ -40,7 +40,8 @@ def test_every_stage_reports_its_metrics(run):
     for key in ("lora.new_domain_em", "lora.new_domain_em_base", "lora.base_domain_em", "lora.trainable_ratio",
                 "lora.file_ratio", "lora.merge_max_abs_diff", "lora.merge_max_abs_diff_fp32", "dpo.heldout_pref_acc", "dpo.answer_em",
                 "dpo.answer_em_sft", "distill.kd_em", "distill.sft_em", "distill.kd_ppl", "distill.sft_ppl",
-                "distill.param_ratio", "reason.format_ok", "reason.answer_em", "grpo.reward", "grpo.reward_start"):
+                "distill.param_ratio", "reason.format_ok", "reason.answer_em", "grpo.reward", "grpo.reward_start",
+                "grpo.sampled_reward", "grpo.sampled_reward_start"):
         assert key in m, key
     assert all(0.0 <= m[k] <= 1.0 for k in m if k.endswith(("_em", "_acc", "format_ok", "reward")) and m[k] == m[k])
 
@@ -63,6 +64,21 @@ def test_outputs_are_loadable_folders(run):
         for name in ("config.json", "model.safetensors", "tokenizer.json"):
             assert (post / stage / name).is_file(), f"{stage}/{name}"
     assert json.loads((post / "posttrain.json").read_text())["grpo.reward"] == run[1]["grpo.reward"]
+
+
+def test_sampled_scores_are_seeded_and_tend_to_greedy_as_temperature_falls(run):
+    from training.posttrain_pipeline import generate_texts, load_init, read_items, reasoning_scores
+
+    root, _ = run
+    model, tok = load_init(root / "post" / "grpo")[:2]
+    items = read_items(root / "world" / "posttrain" / "grpo_eval.jsonl", 12)
+    greedy = generate_texts(model, tok, items, 32)
+    assert generate_texts(model, tok, items, 32, temperature=1e-4, seed=3) == greedy
+    hot = generate_texts(model, tok, items, 32, temperature=1.0, seed=3)
+    assert hot == generate_texts(model, tok, items, 32, temperature=1.0, seed=3)  # one seed, one draw
+    assert hot != greedy and hot != generate_texts(model, tok, items, 32, temperature=1.0, seed=4)
+    cold = reasoning_scores(model, tok, items, 32, temperature=1e-4, samples=3, seed=0)
+    assert cold == reasoning_scores(model, tok, items, 32)  # three near-greedy draws per item average to greedy
 
 
 def test_missing_posttrain_data_is_seeded_like_the_world(tmp_path):

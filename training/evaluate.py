@@ -75,8 +75,10 @@ def perplexity(model, tokenizer, texts: list[str], max_len: int = 512, batch_siz
 
 
 @torch.inference_mode()
-def generate_answers(model, tokenizer, items: list[dict], max_new_tokens: int = 48, batch_size: int = 16) -> list[list[int]]:
-    """Greedy answers (token ids, up to and including the end token) for each item's `messages`."""
+def generate_answers(model, tokenizer, items: list[dict], max_new_tokens: int = 48, batch_size: int = 16,
+                     temperature: float = 0.0, generator: torch.Generator | None = None) -> list[list[int]]:
+    """Answers (token ids, up to and including the end token) for each item's `messages`: greedy, or
+    sampled at `temperature` > 0 (from `generator`, for a reproducible draw)."""
     outputs = []
     for i in tqdm(range(0, len(items), batch_size), desc="generate", leave=False):
         prompts = [tokenizer(render_chat(it["messages"], add_generation_prompt=True), add_special_tokens=False).input_ids
@@ -86,7 +88,8 @@ def generate_answers(model, tokenizer, items: list[dict], max_new_tokens: int = 
         mask = torch.zeros_like(ids)
         for r, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
             ids[r, width - len(p):], mask[r, width - len(p):] = torch.tensor(p), 1
-        new = fast_generate(model, ids, max_new_tokens, attention_mask=mask, eos_token_id=EOS_ID)
+        new = fast_generate(model, ids, max_new_tokens, attention_mask=mask, eos_token_id=EOS_ID,
+                            temperature=temperature, generator=generator)
         for row in new.tolist():
             end = row.index(EOS_ID) + 1 if EOS_ID in row else len(row)
             outputs.append(row[:end])

@@ -175,12 +175,14 @@ def read_items(path: Path, limit: int | None) -> list[dict]:
     return read_jsonl(path, limit) if path.is_file() else []
 
 
-def generate_texts(model, tokenizer, items: list[dict], max_new_tokens: int = 48) -> list[str]:
+def generate_texts(model, tokenizer, items: list[dict], max_new_tokens: int = 48, temperature: float = 0.0,
+                   seed: int = 0) -> list[str]:
     from training.evaluate import generate_answers
     from vlm.tokenizer import EOS_ID
 
     model.eval()
-    gens = generate_answers(model, tokenizer, items, max_new_tokens)
+    generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
+    gens = generate_answers(model, tokenizer, items, max_new_tokens, temperature=temperature, generator=generator)
     return [tokenizer.decode([t for t in g if t != EOS_ID], skip_special_tokens=True) for g in gens]
 
 
@@ -192,10 +194,13 @@ def exact_match(model, tokenizer, items: list[dict], max_new_tokens: int = 48) -
     return sum(answer_reward(t, it["answer"]) for t, it in zip(texts, items)) / len(items)
 
 
-def reasoning_scores(model, tokenizer, items: list[dict], max_new_tokens: int = 96, format_weight: float = 0.2) -> dict:
-    """Format adherence, answer exact match and the GRPO reward (greedy decoding)."""
+def reasoning_scores(model, tokenizer, items: list[dict], max_new_tokens: int = 96, format_weight: float = 0.2,
+                     temperature: float = 0.0, samples: int = 1, seed: int = 0) -> dict:
+    """Format adherence, answer exact match and the GRPO reward: of greedy answers, or with `temperature`
+    > 0 the means over `samples` answers sampled per item (what GRPO's objective is the expectation of)."""
     from training.rewards import answer_reward, format_reward
-    texts = generate_texts(model, tokenizer, items, max_new_tokens)
+    items = [it for it in items for _ in range(samples if temperature > 0 else 1)]
+    texts = generate_texts(model, tokenizer, items, max_new_tokens, temperature, seed)
     fmt = [format_reward(t) for t in texts]
     em = [answer_reward(t, it["answer"]) for t, it in zip(texts, items)]
     n = max(len(items), 1)
@@ -341,6 +346,10 @@ def posttrain_reason(out: Path, world: Path, preset: str, sft: Path, limit: int)
     return {"reason.time_s": round(t, 1), "reason.format_ok": s["format_ok"], "reason.answer_em": s["answer_em"]}
 
 
+GRPO_TEMPERATURE = 1.0  # `training.grpo --temperature`'s default, which the presets keep
+SAMPLED_PER_ITEM = 2  # sampled answers per held-out question for grpo.sampled_reward (400 tiny questions)
+
+
 def posttrain_grpo(out: Path, world: Path, preset: str, start: Path, limit: int) -> dict:
     from training.grpo import main as grpo_main
 
@@ -351,11 +360,18 @@ def posttrain_grpo(out: Path, world: Path, preset: str, start: Path, limit: int)
     # on grpo_eval and -2.8 on reason_eval; whether a lookup is right is much luck of which sentence gets copied.
     items = [*read_items(world / "posttrain" / "grpo_eval.jsonl", limit),
              *read_items(world / "posttrain" / "reason_eval.jsonl", limit)]
-    before = reasoning_scores(*load_init(start)[:2], items)
-    after = reasoning_scores(*load_init(folder)[:2], items)
+    start_model, after_model = load_init(start)[:2], load_init(folder)[:2]
+    before, after = reasoning_scores(*start_model, items), reasoning_scores(*after_model, items)
+    # Greedy answers are what a user gets, so they give the headline gain. GRPO maximises the mean reward
+    # of answers *sampled* at its training temperature; that is reported beside it (same draws for both
+    # models: one seeded generator each), as RL papers do, not in its place.
+    sampled = [reasoning_scores(*m, items, temperature=GRPO_TEMPERATURE, samples=SAMPLED_PER_ITEM, seed=0)["reward"]
+               for m in (start_model, after_model)]
     return {"grpo.time_s": round(t, 1), "grpo.reward_start": before["reward"], "grpo.reward": after["reward"],
             "grpo.answer_em_start": before["answer_em"], "grpo.answer_em": after["answer_em"],
-            "grpo.format_ok": after["format_ok"], "grpo.reward_gain_pts": 100 * (after["reward"] - before["reward"])}
+            "grpo.format_ok": after["format_ok"], "grpo.reward_gain_pts": 100 * (after["reward"] - before["reward"]),
+            "grpo.sampled_reward_start": sampled[0], "grpo.sampled_reward": sampled[1],
+            "grpo.sampled_reward_gain_pts": 100 * (sampled[1] - sampled[0])}
 
 
 def ensure_posttrain_data(world: Path, scale: str) -> None:
