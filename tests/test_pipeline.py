@@ -32,6 +32,8 @@ def test_vlm_and_posttrain_sections(micro_run):
                 "time.pretrain_vlm_s", "time.sft_vlm_s", "time.posttrain_s", "lora.trainable_ratio"):
         assert key in report, key
     assert 0.0 <= report["vlm.vqa_acc"] <= 1.0 and report["vlm.vqa_n"] == 30
+    asked = [json.loads(line) for line in (out / "world" / "scenes" / "eval" / "vqa.jsonl").read_text().splitlines()][:30]
+    assert {k for k in report if k.startswith("vlm.vqa_acc.kind.")} == {f"vlm.vqa_acc.kind.{r['kind']}" for r in asked}
     md = (out / "report.md").read_text()
     assert "VQA exact match by question type" in md and "![vlm_sft loss](vlm_sft/loss.png)" in md
     # the tokenizer saw every stage's text, the held-out splits never

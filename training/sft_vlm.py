@@ -45,8 +45,9 @@ def evaluate_vqa(model: MiniMindVLM, processor: VLMProcessor, rows: list[dict], 
                  batch_size: int = 16, max_new_tokens: int = 16) -> tuple[dict[str, float], list[dict]]:
     """Greedy answers to `rows` (`conversations` + `image` + `answer` [+ `type`, `lang`, `unseen_combo`]).
 
-    Returns flat metrics (`vlm.vqa_acc`, `vlm.vqa_acc.type.<t>`, `vlm.vqa_acc.lang.<l>`,
-    `vlm.vqa_acc.unseen_combo`, `vlm.vqa_n`) and the per-question samples.
+    Returns flat metrics (`vlm.vqa_acc`, `vlm.vqa_acc.type.<t>`, `vlm.vqa_acc.lang.<l>`, per scene
+    `vlm.vqa_acc.kind.<k>` where rows say their `kind`, `vlm.vqa_acc.unseen_combo`, `vlm.vqa_n`) and the
+    per-question samples.
     """
     model.eval()
     hits: dict[str, list[bool]] = defaultdict(list)
@@ -64,12 +65,15 @@ def evaluate_vqa(model: MiniMindVLM, processor: VLMProcessor, rows: list[dict], 
             output = processor.decode(ids)
             ok = normalize_answer(output) == normalize_answer(row["answer"])
             groups = ["all", f"type.{row.get('type', 'unknown')}", f"lang.{row.get('lang', 'unknown')}"]
+            if row.get("kind"):  # the scene's kind: two-object scenes are where attribute binding is tested
+                groups.append(f"kind.{row['kind']}")
             if row.get("unseen_combo"):
                 groups.append("unseen_combo")
             for g in groups:
                 hits[g].append(ok)
             samples.append({"question": row["conversations"][-2]["content"], "answer": row["answer"],
-                            "output": output, "correct": ok, "type": row.get("type"), "lang": row.get("lang"),
+                            "output": output, "correct": ok, "type": row.get("type"), "kind": row.get("kind"),
+                            "lang": row.get("lang"),
                             "unseen_combo": bool(row.get("unseen_combo"))})
     metrics = {"vlm.vqa_acc" if g == "all" else f"vlm.vqa_acc.{g}": round(sum(v) / len(v), 4)
                for g, v in sorted(hits.items())}
