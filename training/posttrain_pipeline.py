@@ -363,8 +363,8 @@ def posttrain_grpo(out: Path, world: Path, preset: str, start: Path, limit: int)
     start_model, after_model = load_init(start)[:2], load_init(folder)[:2]
     before, after = reasoning_scores(*start_model, items), reasoning_scores(*after_model, items)
     # Greedy answers are what a user gets, so they give the headline gain. GRPO maximises the mean reward
-    # of answers *sampled* at its training temperature; that is reported beside it (same draws for both
-    # models: one seeded generator each), as RL papers do, not in its place.
+    # of answers *sampled* at its training temperature; that is reported beside it (each model sampled from
+    # a generator seeded alike), as RL papers do, not in its place.
     sampled = [reasoning_scores(*m, items, temperature=GRPO_TEMPERATURE, samples=SAMPLED_PER_ITEM, seed=0)["reward"]
                for m in (start_model, after_model)]
     return {"grpo.time_s": round(t, 1), "grpo.reward_start": before["reward"], "grpo.reward": after["reward"],
