@@ -329,7 +329,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         model, model_name, model_cfg, tok_id = load_clip(args.model, None, seed=args.seed)
     model.output_dict = False
-    model.visual.output_tokens = True  # (pooled, patch tokens): the region loss reads the tokens
+    if args.region_weight > 0:
+        model.visual.output_tokens = True  # forward returns (pooled, patch tokens): the region loss reads the tokens
     # open_clip's eval transform, also for training: random crops or flips would change the
     # left/right/top answers of the scenes.
     preprocess, preprocess_cfg = clip_eval_transform(model)
