@@ -326,3 +326,72 @@ def test_vision_feature_layer_is_saved_with_the_model(tokenizer, tmp_path):
     assert loaded.vision.feature_layer == [-3, -1] and loaded.vision.identity == model.vision.identity
     with torch.no_grad():
         assert torch.equal(loaded.project_images(pixels), model.project_images(pixels))
+
+
+def test_image_readout_memory_lets_text_read_only_the_images_before_it():
+    from vlm.readout import ImageMemory
+
+    # row 0: text, image A (2 slots), text, image B (2 slots), text; row 1: text only; row 2: one image
+    slots = torch.tensor([[0, 1, 1, 0, 1, 1, 0], [0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1, 1]], dtype=torch.bool)
+    embeds = torch.arange(3 * 7, dtype=torch.float32).view(3, 7, 1).expand(-1, -1, 4)
+    memory = ImageMemory.from_slots(embeds, slots)
+    assert memory.index[0].tolist() == [1, 2, 4, 5] and memory.valid.sum(-1).tolist() == [4, 0, 2]
+    assert torch.equal(memory.tokens[0, :, 0], embeds[0, [1, 2, 4, 5], 0])
+    allowed, reads = memory.mask(0, 7)
+    assert allowed[0, 0, 3].tolist() == [True, True, False, False]  # between the images: image A only
+    assert allowed[0, 0, 6].tolist() == [True] * 4
+    assert not allowed[0, 0, [0, 1, 2, 4, 5]].any()  # text before any image and the slots themselves
+    assert reads[:, :, 0].tolist() == [[False, False, False, True, False, False, True], [False] * 7,
+                                       [False] * 7]
+    allowed, reads = memory.mask(9, 1)  # a decode step: every image of its row
+    assert reads[:, 0, 0].tolist() == [True, False, True] and allowed[2, 0, 0].tolist() == [True, True, False, False]
+    assert ImageMemory.from_slots(embeds, torch.zeros_like(slots)) is None
+
+
+def test_image_readout_queries_know_the_words_so_far_across_decode_steps():
+    from vlm.readout import ImageMemory
+
+    # one row: padding, text a, image slot, text b; a decode step then adds text c
+    slots = torch.tensor([[0, 0, 1, 0]], dtype=torch.bool)
+    padding = torch.tensor([[0, 1, 1, 1]])
+    a, b, c, image, pad = (torch.full((1, 3), v) for v in (1.0, 3.0, 8.0, 100.0, -50.0))
+    memory = ImageMemory.from_slots(torch.stack([pad, a, image, b], 1), slots, padding)
+    memory.read_words(torch.stack([pad, a, image, b], 1), 0)
+    assert memory.words[0, :, 0].tolist() == [0.0, 1.0, 1.0, 2.0]  # neither the image nor the padding counts
+    memory.read_words(c[:, None], 4)
+    assert memory.words[0, :, 0].tolist() == [4.0]  # (1 + 3 + 8) / 3
+
+
+def test_image_readout_starts_closed_reads_images_and_decodes_like_a_full_forward(tokenizer, tmp_path):
+    lm, encoder = tiny_lm(len(tokenizer)), VisionEncoder.from_open_clip("minimind-clip-micro")
+    plain = MiniMindVLM.from_lm(lm, encoder).eval()
+    model = MiniMindVLM.from_lm(lm, encoder, cross_attention_layers=[2, 0]).eval()  # 2: after the last layer
+    model.projector.load_state_dict(plain.projector.state_dict())
+    assert model.config.cross_attention_layers == [0, 2]
+    proc = VLMProcessor.from_config(model.config, tokenizer)
+    batch = proc(messages=[[{"role": "user", "content": "<image> and <image> colour?"}],
+                           [{"role": "user", "content": "just some text"}],
+                           [{"role": "user", "content": "a longer question first <image> colour?"}]],
+                 images=[[image(1), image(2)], [], [image(3)]])
+    ids = batch["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, plain(**batch).logits)  # zero output projections: the LM as it was
+        for block in model.image_readout.values():
+            block.o_proj.weight.normal_(0.0, 0.1)
+        logits = model(**batch).logits
+        moved = (logits - plain(**batch).logits).abs().amax(-1) > 1e-5
+        first_slot = int((ids[2] == IMAGE_ID).nonzero()[0])
+        assert not moved[2, :first_slot].any() and moved[2, -1]  # text reads the image only after it
+        assert not moved[1].any()  # a text-only row reads nothing
+    kw = dict(max_new_tokens=5, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    cached = model.generate(**batch, use_cache=True, **kw)[:, ids.shape[1]:]
+    uncached = model.generate(**batch, use_cache=False, **kw)[:, ids.shape[1]:]
+    fast = model.fast_generate(ids, pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
+                               max_new_tokens=5, eos_token_id=-1)
+    assert torch.equal(cached, uncached) and torch.equal(cached, fast)
+    model.save_pretrained(tmp_path)
+    loaded = MiniMindVLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, logits)
+    with pytest.raises(ValueError, match="cross_attention_layers"):
+        MiniMindVLM.from_lm(lm, encoder, cross_attention_layers=[3])

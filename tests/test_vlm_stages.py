@@ -72,6 +72,20 @@ def test_pretrain_then_sft_respect_their_freeze_policies(setup, tmp_path):
     assert (tmp_path / "sft" / "vqa.json").is_file() and (tmp_path / "sft" / "processor_config.json").is_file()
 
 
+def test_image_readout_trains_under_the_projector_only_policy(setup, tmp_path):
+    root, world = setup
+    pretrain_vlm.main(["--data", str(world), "--preset", "micro", "--max-steps", "3", "--batch-size", "4",
+                       "--device", "cpu", "--dtype", "fp32", "--init", str(root / "lm"), "--out", str(tmp_path / "pre"),
+                       "--vision", "minimind-clip-micro", "--cross-attention-layers", "1", "--feature-cache", "none"])
+    pre = MiniMindVLM.from_pretrained(tmp_path / "pre")
+    assert pre.config.cross_attention_layers == [1] and list(pre.image_readout) == ["1"]
+    lm = vlm.MiniMindForCausalLM.from_pretrained(root / "lm").state_dict()
+    after = pre.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in lm.items()), "the LM trained under --freeze projector"
+    assert float(pre.image_readout["1"].o_proj.weight.abs().sum()) > 0, "the read-out did not train"
+    assert trainable_predicate("projector", 3)("image_readout.1.q_proj.weight")
+
+
 def test_sft_with_several_questions_per_image_and_pixel_shuffle(setup, tmp_path):
     root, world = setup
     common = ["--data", str(world), "--preset", "micro", "--max-steps", "2", "--batch-size", "4", "--device", "cpu",
@@ -91,17 +105,20 @@ def test_sft_with_several_questions_per_image_and_pixel_shuffle(setup, tmp_path)
     assert summary["vlm.vqa_n"] == 4 and (tmp_path / "sft" / "vqa.json").is_file()
 
 
-@pytest.mark.parametrize("image_attention", ["causal", "bidirectional"])
-def test_vlm_loss_on_answer_positions_equals_the_full_logits_loss(setup, image_attention):
+@pytest.mark.parametrize("image_attention,readout", [("causal", []), ("bidirectional", []), ("causal", [0, 2])])
+def test_vlm_loss_on_answer_positions_equals_the_full_logits_loss(setup, image_attention, readout):
     """The head runs on supervised positions only; loss and gradients equal the `labels=` loss
-    (with bidirectional image attention too: the stage's loss builds the same mask as `forward`)."""
+    (with bidirectional image attention and with an image read-out too: the stage's loss builds the
+    same mask and reads the images as `forward` does)."""
     from data.vlm_datasets import VLMDataset, open_source, vlm_collate
 
     root, world = setup
     tok = load_tokenizer(root / "lm")
     model = MiniMindVLM.from_lm(vlm.MiniMindForCausalLM.from_pretrained(root / "lm"),
                                 VisionEncoder.from_open_clip("minimind-clip-micro"), projector_shuffle=2,
-                                image_attention=image_attention).double()
+                                image_attention=image_attention, cross_attention_layers=readout).double()
+    for block in model.image_readout.values():
+        block.o_proj.weight.data.normal_(0.0, 0.1)  # open, so that every read-out weight gets gradients
     data = VLMDataset(open_source(world / "vlm_sft.jsonl", str(world / "images")), tok, model.num_image_tokens, 64,
                       preprocess=model.vision.preprocess)
     batch = vlm_collate([data[i] for i in range(6)])
@@ -118,3 +135,5 @@ def test_vlm_loss_on_answer_positions_equals_the_full_logits_loss(setup, image_a
     for name, p in model.named_parameters():
         if name in ours:
             assert torch.allclose(ours[name], p.grad, atol=1e-10), name
+    if readout:
+        assert float(ours["image_readout.2.q_proj.weight"].abs().sum()) > 0

@@ -8,8 +8,9 @@
 - `projector+last`: the projector and the last decoder layer (the original MiniMind-V pretrain);
 - `all_lm`: the projector and the whole LM, embeddings included.
 
-The vision encoder is frozen under every policy (it is not even given to the optimizer). Parameter
-names are matched with any DDP `module.` prefix removed.
+The projector and the image read-out (`vlm.readout`, when the VLM has one) train under every
+policy; the vision encoder is frozen under every policy (it is not even given to the optimizer).
+Parameter names are matched with any DDP `module.` prefix removed.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def trainable_predicate(policy: str, num_layers: int) -> Callable[[str, nn.Param
         name = name.removeprefix("module.")
         if name.startswith("vision."):
             return False
-        if name.startswith("projector."):
+        if name.startswith(("projector.", "image_readout.")):
             return True
         if policy == "all_lm":
             return True

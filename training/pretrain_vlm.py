@@ -2,7 +2,7 @@
 
 `python -m training.pretrain_vlm --data DIR_OR_FILE --out DIR --init LM_OR_VLM_DIR --vision ENCODER
  [--freeze projector] [--projector linear|mlp] [--projector-positions 0|1] [--projector-norm 0|1] [--projector-glance 0|1]
- [--image-attention causal|bidirectional]
+ [--image-attention causal|bidirectional] [--cross-attention-layers I ...]
  [--preset tiny] ...`
 
 --init: an LM checkpoint folder (a new VLM is built around it: LM weights copied, new projector)
@@ -83,9 +83,8 @@ def vlm_loss(model, batch: dict) -> LossOutput:
     device = next(model.parameters()).device
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values", "image_features")
               if batch.get(k) is not None}
-    embeds = model.embed_inputs(inputs["input_ids"], inputs.get("pixel_values"), inputs.get("image_features"))
-    hidden, _, aux = model.model(attention_mask=inputs.get("attention_mask"), inputs_embeds=embeds,
-                                 bidirectional_blocks=model.image_blocks(inputs["input_ids"]))
+    hidden, aux = model.hidden_states(inputs["input_ids"], inputs.get("attention_mask"), inputs.get("pixel_values"),
+                                      inputs.get("image_features"))
     out = supervised_head_loss(model, hidden, batch["labels"], aux)
     out.metrics = {"images": float(len(inputs.get("image_features", inputs.get("pixel_values", ()))))}
     return out
@@ -102,7 +101,8 @@ def load_encoder(vision: str, pretrained: str | None = None) -> VisionEncoder:
 def build_vlm(init: str, vision: str | None, vision_pretrained: str | None, projector: str,
               projector_positions: bool = False, projector_shuffle: int = 1,
               projector_norm: bool = False, projector_glance: bool = False,
-              image_attention: str = "causal", vision_feature_layer: int | Sequence[int] = -1) -> MiniMindVLM:
+              image_attention: str = "causal", vision_feature_layer: int | Sequence[int] = -1,
+              cross_attention_layers: Sequence[int] = ()) -> MiniMindVLM:
     """Continue a MiniMind-V folder, or wrap an LM folder with the named encoder and a new projector."""
     config = AutoConfig.from_pretrained(init)
     if isinstance(config, MiniMindVLMConfig):
@@ -120,7 +120,7 @@ def build_vlm(init: str, vision: str | None, vision_pretrained: str | None, proj
                                vision_pretrained=vision_pretrained or (vision if Path(vision).is_dir() else None),
                                projector_positions=projector_positions, projector_shuffle=projector_shuffle,
                                projector_norm=projector_norm, projector_glance=projector_glance,
-                               image_attention=image_attention)
+                               image_attention=image_attention, cross_attention_layers=list(cross_attention_layers))
 
 
 # -- data --------------------------------------------------------------------------------------------
@@ -166,6 +166,9 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
                    help="for a new VLM: pixel shuffle factor f; f x f neighbouring patches make one image token")
     p.add_argument("--image-attention", choices=IMAGE_ATTENTION, default="causal",
                    help="for a new VLM: bidirectional lets an image's tokens see each other (PaliGemma)")
+    p.add_argument("--cross-attention-layers", type=int, nargs="*", default=[],
+                   help="for a new VLM: decoder layers that get a cross-attention read-out into the image "
+                        "tokens (Flamingo / Llama 3.2 Vision); trained under every freeze policy")
     p.add_argument("--freeze", choices=POLICIES, help=f"what trains (default: {STAGES[stage]['freeze']})")
     p.add_argument("--images", help="folder the image paths are relative to (default: DATA/images)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: --init)")
@@ -200,7 +203,7 @@ def run_vlm_stage(stage: str, argv: list[str] | None, description: str,
     torch.manual_seed(args.seed)
     model = build_vlm(args.init, args.vision, args.vision_pretrained, args.projector, bool(args.projector_positions),
                       args.projector_shuffle, bool(args.projector_norm), bool(args.projector_glance),
-                      args.image_attention, args.vision_feature_layer)
+                      args.image_attention, args.vision_feature_layer, args.cross_attention_layers)
     tok_dir = Path(args.tokenizer or args.init)
     tokenizer = load_tokenizer(tok_dir)
     data_file = resolve_data_file(args.data, spec["data_file"])

@@ -25,6 +25,9 @@ Vision fields:
   Only `input_ids` say where the images are: a forward from `inputs_embeds` alone is causal;
 - `vision_feature_layer`: which of the encoder's hidden states becomes the patch tokens, as LLaVA's
   field: -1 its output (the default), -2 the block before the last, ...; a list concatenates them;
+- `cross_attention_layers`: decoder layers that get a cross-attention read-out into the
+  image tokens in front of them (`vlm.readout`, Flamingo / Llama 3.2 Vision); `num_hidden_layers`
+  puts one after the last layer, before the final norm; empty: none;
 - `vision_hidden_size` (D): read from the encoder; `num_image_tokens` (N): the encoder's patch count
   divided by f^2 (+ 1 with the glance token), the image tokens the LM sees; the processor writes N
   placeholder ids per `<image>`.
@@ -57,6 +60,7 @@ class MiniMindVLMConfig(MiniMindConfig):
         projector_glance: bool = False,
         image_attention: str = "causal",
         image_token_id: int = IMAGE_ID,
+        cross_attention_layers: list[int] | None = None,
         **kwargs,
     ):
         if projector_type not in PROJECTOR_TYPES:
@@ -80,7 +84,12 @@ class MiniMindVLMConfig(MiniMindConfig):
         self.projector_norm = bool(projector_norm)
         self.projector_glance = bool(projector_glance)
         self.image_token_id = image_token_id
+        self.cross_attention_layers = sorted({int(i) for i in cross_attention_layers or ()})
         super().__init__(**kwargs)
+        bad = [i for i in self.cross_attention_layers if not 0 <= i <= self.num_hidden_layers]
+        if bad:
+            raise ValueError(f"cross_attention_layers {bad}: a read-out goes before decoder layer 0.."
+                             f"{self.num_hidden_layers - 1} or after the last ({self.num_hidden_layers})")
 
     @classmethod
     def from_text_config(cls, text_config: MiniMindConfig, **vision_kwargs) -> "MiniMindVLMConfig":

@@ -85,8 +85,10 @@ class LeanDecoder:
     `fast_generate` uses the modules themselves otherwise.
     """
 
-    def __init__(self, model: MiniMindForCausalLM, cache: StaticKVCache, positions: torch.Tensor, dtype: torch.dtype):
+    def __init__(self, model: MiniMindForCausalLM, cache: StaticKVCache, positions: torch.Tensor, dtype: torch.dtype,
+                 cross_attention: Callable | None = None):
         core, cfg = model.model, model.config
+        self.cross_attention = cross_attention
         self.embed, self.eps_sum = core.embed_tokens.weight, cfg.rms_norm_eps * cfg.hidden_size
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         w = decode_weights(model)
@@ -113,7 +115,9 @@ class LeanDecoder:
         # In-place ops on fresh intermediates wherever possible: allocation is a visible share of a
         # tiny op's cost on CPU.
         x = F.embedding(tok, self.embed)  # [B, H]: the residual stream (a fresh tensor)
-        for (wqkv, wo, wgu, wd, gain2, mlp), kv in zip(self.layers, self.kv):
+        for i, ((wqkv, wo, wgu, wd, gain2, mlp), kv) in enumerate(zip(self.layers, self.kv)):
+            if self.cross_attention is not None:  # the VLM's image read-out (a module call: rare, not lean)
+                x = self.cross_attention(i, x[:, None], pos)[:, 0].contiguous()
             qkv = torch.mm(self.rms(x), wqkv).view(b, nh + 2 * nkv, 1, hd)
             rotated = qkv.roll(hd // 2, dims=-1)
             qkv.mul_(cos).addcmul_(rotated, sin)
@@ -127,6 +131,8 @@ class LeanDecoder:
             else:
                 gate, up = torch.mm(self.rms(x), wgu).chunk(2, dim=-1)
                 x.addmm_(F.silu(gate).mul_(up), wd)
+        if self.cross_attention is not None:
+            x = self.cross_attention(len(self.layers), x[:, None], pos)[:, 0].contiguous()
         self.cache.length = pos + 1
         return torch.mm(self.rms(x), self.lm_head)
 
@@ -176,6 +182,7 @@ def fast_generate(
     on_token: Callable[[torch.Tensor], None] | None = None,
     generator: torch.Generator | None = None,
     bidirectional_blocks: torch.Tensor | None = None,
+    cross_attention: Callable | None = None,
 ) -> torch.Tensor:
     """Decode up to `max_new_tokens` after a (left-padded) prompt; returns the new ids [B, <=N].
 
@@ -183,7 +190,8 @@ def fast_generate(
     `streamer` is anything with HF's `put(ids)`/`end()` (e.g. `TextIteratorStreamer`).
     `inputs_embeds` (e.g. with image features spliced in) replaces the prompt's token embeddings;
     `bidirectional_blocks` [B, T] marks prompt tokens that see each other (an image's, see
-    `MiniMindModel.attention_mask_4d`).
+    `MiniMindModel.attention_mask_4d`); `cross_attention` runs before every layer, in every step (see
+    `MiniMindModel.forward`).
     """
     cfg = model.config
     core = model.model
@@ -201,14 +209,14 @@ def fast_generate(
         mask, positions = None, torch.arange(t, device=input_ids.device)[None].expand(b, -1)
     hidden, _, _ = core(None if inputs_embeds is not None else input_ids,
                         mask[:, :t] if padded else None, positions, cache, inputs_embeds,
-                        bidirectional_blocks=bidirectional_blocks)
+                        bidirectional_blocks=bidirectional_blocks, cross_attention=cross_attention)
     logits = model.lm_head(hidden[:, -1])
     new_positions = positions[:, -1:] + torch.arange(1, max_new_tokens + 1, device=input_ids.device)
     # The lean step covers plain inference; dropout in training mode, autocast and slow-bf16 CPUs
     # (whose workaround lives in the modules) take the modules themselves.
     lean_ok = not (model.training and cfg.dropout > 0) and not torch.is_autocast_enabled(param.device.type) \
         and not _slow_cpu_bf16(param)
-    lean = LeanDecoder(model, cache, new_positions, cache.kv.dtype) if lean_ok else None
+    lean = LeanDecoder(model, cache, new_positions, cache.kv.dtype, cross_attention) if lean_ok else None
     key_mask = mask.bool()[:, None, None, :] if padded else None  # [B, 1, 1, K]: the new token's keys
     seen = input_ids
     stop = eos is not None and eos >= 0  # a negative id never matches: no per-step check at all
@@ -232,7 +240,7 @@ def fast_generate(
             logits = lean.step(tok, step, key_mask)
         else:
             hidden, _, _ = core(tok[:, None], mask[:, : t + step + 1] if padded else None,
-                                new_positions[:, step:step + 1], cache)
+                                new_positions[:, step:step + 1], cache, cross_attention=cross_attention)
             logits = model.lm_head(hidden[:, -1])
     if streamer is not None:
         streamer.end()

@@ -343,7 +343,11 @@ class MiniMindModel(MiniMindPreTrainedModel):
         return starts.long().cumsum(-1)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, bidirectional_blocks: torch.Tensor | None = None):
+                inputs_embeds=None, use_cache=None, bidirectional_blocks: torch.Tensor | None = None,
+                cross_attention=None):
+        """`cross_attention(layer_idx, x, start) -> x`, if given, runs on the residual stream before each
+        decoder layer and once more after the last (layer_idx = num_hidden_layers); `start` is the
+        sequence index of x's first position. It is the VLM's image read-out."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -365,10 +369,14 @@ class MiniMindModel(MiniMindPreTrainedModel):
         mask = self.attention_mask_4d(attention_mask, t, past, x.device, documents, bidirectional_blocks)
         x = self.dropout(x)
         aux_total = None
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            if cross_attention is not None:
+                x = cross_attention(i, x, past)
             x, aux = layer(x, cos, sin, mask, past_key_values)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
+        if cross_attention is not None:
+            x = cross_attention(len(self.layers), x, past)
         return self.norm(x), past_key_values, aux_total
 
 
@@ -409,7 +417,8 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         if past_key_values is None:  # transformers >= 5.24 passes the cache as `cache`
             past_key_values = kwargs.pop("cache", None)
         hidden, cache, aux = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-                                        bidirectional_blocks=kwargs.pop("bidirectional_blocks", None))
+                                        bidirectional_blocks=kwargs.pop("bidirectional_blocks", None),
+                                        cross_attention=kwargs.pop("cross_attention", None))
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)

@@ -21,8 +21,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 
 from .configuration_vlm import MiniMindVLMConfig
 from .generation import fast_generate as lean_generate
-from .modeling_minimind import MiniMindForCausalLM
+from .modeling_minimind import _CACHE_FIELD, MiniMindForCausalLM
 from .projector import build_projector, match_text_scale, shuffled_side
+from .readout import ImageMemory, build_readout, readout_hook
 from .vision import VisionEncoder
 
 
@@ -48,6 +49,8 @@ class MiniMindVLM(MiniMindForCausalLM):
                                          positions=config.num_image_tokens if config.projector_positions else 0,
                                          shuffle=config.projector_shuffle, norm=config.projector_norm,
                                          glance_patches=vision.num_patches if config.projector_glance else 0)
+        self.image_readout = build_readout(config.cross_attention_layers, config.hidden_size,
+                                           config.num_attention_heads, config.rms_norm_eps)
         self.post_init()
         self.vision.requires_grad_(False)
 
@@ -72,18 +75,21 @@ class MiniMindVLM(MiniMindForCausalLM):
     def from_lm(cls, lm: MiniMindForCausalLM, vision: VisionEncoder, projector_type: str = "linear",
                 vision_pretrained: str | None = None, projector_positions: bool = False,
                 projector_shuffle: int = 1, projector_norm: bool = False,
-                projector_glance: bool = False, image_attention: str = "causal") -> "MiniMindVLM":
-        """A VLM around a trained LM (weights copied) and an encoder; only the projector is new.
+                projector_glance: bool = False, image_attention: str = "causal",
+                cross_attention_layers: list[int] | None = None) -> "MiniMindVLM":
+        """A VLM around a trained LM (weights copied) and an encoder; only the projector (and any
+        image read-out) is new.
         The encoder's `feature_layer` becomes the config's `vision_feature_layer`."""
         config = MiniMindVLMConfig.from_text_config(lm.config, projector_type=projector_type,
                                                     projector_positions=projector_positions,
                                                     projector_shuffle=projector_shuffle, projector_norm=projector_norm,
                                                     projector_glance=projector_glance, vision_pretrained=vision_pretrained,
                                                     image_attention=image_attention,
+                                                    cross_attention_layers=cross_attention_layers,
                                                     vision_feature_layer=vision.feature_layer)
         model = cls(config, vision=vision)
         result = model.load_state_dict(lm.state_dict(), strict=False)
-        missing = [k for k in result.missing_keys if not k.startswith(("vision.", "projector."))]
+        missing = [k for k in result.missing_keys if not k.startswith(("vision.", "projector.", "image_readout."))]
         if missing or result.unexpected_keys:
             raise ValueError(f"LM weights do not fit the VLM: missing {missing}, unexpected {result.unexpected_keys}")
         match_text_scale(model.projector, model.get_input_embeddings().weight)
@@ -135,6 +141,23 @@ class MiniMindVLM(MiniMindForCausalLM):
         projected = self.project_images(pixel_values, image_features)
         return embeds.masked_scatter(slots.unsqueeze(-1), projected.to(embeds.dtype))
 
+    def image_memory(self, input_ids: torch.Tensor, embeds: torch.Tensor,
+                     attention_mask: torch.Tensor | None = None) -> ImageMemory | None:
+        """What the image read-out attends to (the embedded prompt's image slots), or None without one."""
+        if not self.config.cross_attention_layers:
+            return None
+        return ImageMemory.from_slots(embeds, input_ids == self.config.image_token_id, attention_mask)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None):
+        """`(final hidden states [B, T, hidden], MoE aux loss)` of a prompt with its images: what
+        the training losses read, without computing every position's logits."""
+        embeds = self.embed_inputs(input_ids, pixel_values, image_features)
+        readout = readout_hook(self.image_readout, self.image_memory(input_ids, embeds, attention_mask))
+        hidden, _, aux = self.model(attention_mask=attention_mask, inputs_embeds=embeds,
+                                    bidirectional_blocks=self.image_blocks(input_ids), cross_attention=readout)
+        return hidden, aux
+
     def image_blocks(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         """`[B, T]` image number (1, 2, ... within each row) of every placeholder id, 0 elsewhere: the
         blocks that attend bidirectionally; None when `config.image_attention` is causal."""
@@ -148,16 +171,26 @@ class MiniMindVLM(MiniMindForCausalLM):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int = 0,
                 pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None, **kwargs):
+        if past_key_values is None:  # transformers >= 5.24 passes the cache as `cache`
+            past_key_values = kwargs.pop("cache", None)
+        memory = getattr(past_key_values, "image_memory", None)  # the prompt's images, kept for decode steps
         if inputs_embeds is None and input_ids is not None:
             kwargs["bidirectional_blocks"] = self.image_blocks(input_ids)
             # Always through embed_inputs, even without images: placeholder ids without images are an error.
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_features)
+            if pixel_values is not None or image_features is not None:
+                memory = self.image_memory(input_ids, inputs_embeds, attention_mask)
             input_ids = None
         elif pixel_values is not None or image_features is not None:
             raise ValueError("pass images together with input_ids (their placeholder ids say where they go)")
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
-                               use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                              use_cache=use_cache, logits_to_keep=logits_to_keep,
+                              cross_attention=readout_hook(self.image_readout, memory), **kwargs)
+        cache = getattr(out, _CACHE_FIELD)
+        if memory is not None and cache is not None:
+            cache.image_memory = memory
+        return out
 
     def prepare_inputs_for_generation(self, input_ids, *args, is_first_iteration: bool | None = False, **kwargs):
         """HF `generate`: images are spliced in at prefill only; decode steps are plain LM steps."""
@@ -177,7 +210,10 @@ class MiniMindVLM(MiniMindForCausalLM):
         """
         embeds = self.embed_inputs(input_ids, pixel_values, image_features)
         return lean_generate(self, input_ids, attention_mask=attention_mask, inputs_embeds=embeds,
-                             bidirectional_blocks=self.image_blocks(input_ids), **kwargs)
+                             bidirectional_blocks=self.image_blocks(input_ids),
+                             cross_attention=readout_hook(self.image_readout,
+                                                          self.image_memory(input_ids, embeds, attention_mask)),
+                             **kwargs)
 
 
 def check_image_slots(slots: torch.Tensor, n_images: int, n_per_image: int) -> None:
