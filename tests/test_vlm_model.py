@@ -51,6 +51,17 @@ def image(seed: int, size=(40, 30)) -> Image.Image:
     return Image.fromarray((torch.rand(size[1], size[0], 3, generator=g) * 255).byte().numpy())
 
 
+def assert_decoders_agree(model: MiniMindVLM, batch) -> None:
+    """HF generate with and without its cache and our lean decoder give the same greedy tokens."""
+    n = batch["input_ids"].shape[1]
+    kw = dict(max_new_tokens=5, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    cached = model.generate(**batch, use_cache=True, **kw)[:, n:]
+    uncached = model.generate(**batch, use_cache=False, **kw)[:, n:]
+    fast = model.fast_generate(batch["input_ids"], pixel_values=batch["pixel_values"],
+                               attention_mask=batch["attention_mask"], max_new_tokens=5, eos_token_id=-1)
+    assert torch.equal(cached, uncached) and torch.equal(cached, fast)
+
+
 def test_one_image_is_196_slots_holding_the_projected_patches(b16):
     model, proc = b16
     batch = proc(messages=[{"role": "user", "content": "<image>\nWhat colour is it?"}], images=[image(0)])
@@ -303,12 +314,7 @@ def test_bidirectional_image_attention_sees_the_whole_image_but_not_the_next_one
         after = model(input_ids=ids, attention_mask=batch["attention_mask"], image_features=changed).logits[0]
         moved = (after - before).abs().amax(-1) > 1e-5
         assert not moved[slots[:n]].any() and moved[slots[n:]].all()
-    kw = dict(max_new_tokens=5, do_sample=False, eos_token_id=-1, pad_token_id=0)
-    cached = model.generate(**batch, use_cache=True, **kw)[:, ids.shape[1]:]
-    uncached = model.generate(**batch, use_cache=False, **kw)[:, ids.shape[1]:]
-    fast = model.fast_generate(ids, pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
-                               max_new_tokens=5, eos_token_id=-1)
-    assert torch.equal(cached, uncached) and torch.equal(cached, fast)
+    assert_decoders_agree(model, batch)
     model.save_pretrained(tmp_path)
     assert MiniMindVLM.from_pretrained(tmp_path).config.image_attention == "bidirectional"
     with pytest.raises(ValueError, match="image_attention"):
@@ -383,12 +389,7 @@ def test_image_readout_starts_closed_reads_images_and_decodes_like_a_full_forwar
         first_slot = int((ids[2] == IMAGE_ID).nonzero()[0])
         assert not moved[2, :first_slot].any() and moved[2, -1]  # text reads the image only after it
         assert not moved[1].any()  # a text-only row reads nothing
-    kw = dict(max_new_tokens=5, do_sample=False, eos_token_id=-1, pad_token_id=0)
-    cached = model.generate(**batch, use_cache=True, **kw)[:, ids.shape[1]:]
-    uncached = model.generate(**batch, use_cache=False, **kw)[:, ids.shape[1]:]
-    fast = model.fast_generate(ids, pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
-                               max_new_tokens=5, eos_token_id=-1)
-    assert torch.equal(cached, uncached) and torch.equal(cached, fast)
+    assert_decoders_agree(model, batch)
     model.save_pretrained(tmp_path)
     loaded = MiniMindVLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
