@@ -155,7 +155,7 @@ def readout_hook(readout: nn.ModuleDict, memory: ImageMemory | None):
     def hook(layer_idx: int, x: torch.Tensor, start: int) -> torch.Tensor:
         if layer_idx == 0:  # x is still the token embeddings
             memory.read_words(x, start)
-        block = readout[str(layer_idx)] if str(layer_idx) in readout else None
-        return x if block is None else block(x, memory, start)
+        key = str(layer_idx)
+        return readout[key](x, memory, start) if key in readout else x
 
     return hook
