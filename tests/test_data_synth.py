@@ -181,3 +181,51 @@ def test_draws_are_fresh_versions_of_the_corpus(part, field):
     draws = [set(texts[i * len(single):(i + 1) * len(single)]) for i in range(3)]
     # later draws are new phrasings and passages, not copies of the first
     assert len(draws[1] - draws[0]) > len(single) // 2 and len(draws[2] - draws[1]) > len(single) // 2
+
+
+def test_parallel_passages_need_the_name_to_find_the_answer():
+    import random
+
+    from data.synth.items import ask_passage, make_passage, parallel_passage
+    from data.synth.scales import get_scale
+    from data.synth.world import build_world
+
+    world = build_world(7, "tiny", get_scale("tiny"))
+    rng = random.Random(0)
+    for lang in ("en", "zh") * 20:
+        p = parallel_passage(world.context_train, lang, rng)
+        names = {e.name[lang] for e, _, _ in p.facts}
+        attrs = {a for _, a, _ in p.facts}
+        assert 2 <= len(names) <= 3 and 1 <= len(attrs) <= 2
+        for a in attrs:  # every name is given every attribute, so the attribute alone finds no sentence
+            stated = [(e.name[lang], v) for e, b, v in p.facts if b == a]
+            assert {n for n, _ in stated} == names
+        ask = ask_passage(p, rng, p_none=0.0)
+        assert ask.answer == p.said(ask.entity, ask.attr) and ask.entity.name[lang] in ask.question
+        assert all(v in p.text for _, _, v in p.facts)
+    # the share is what the writers ask for; without one the passages (and the rng stream) are as before
+    a, b = random.Random(5), random.Random(5)
+    assert make_passage(world.context_train, "en", a).text == make_passage(world.context_train, "en", b, 0.0).text
+    for _ in range(20):
+        facts = make_passage(world.context_train, "en", rng, 1.0).facts
+        assert len({a for _, a, _ in facts}) < len(facts)
+
+
+def test_the_scale_share_of_parallel_passages_reaches_the_training_writers():
+    from dataclasses import replace
+
+    from data.synth.world import build_world
+    from data.synth.writers import pretrain, sft
+
+    def sentences_per_passage(scale) -> list[int]:
+        world = build_world(7, "micro", scale)
+        texts = [m["content"] for r in sft.write(world, scale, 7)["sft.jsonl"] for m in r["conversations"]]
+        texts += [r["text"] for r in pretrain.write(world, scale, 7)["pretrain.jsonl"]]
+        passages = [line for t in texts for line in t.split("\n") if line.startswith(("Passage:", "短文："))]
+        assert passages
+        return [p.count(". ") + 1 if p.startswith("Passage:") else p.count("。") for p in passages]
+
+    micro = SCALES["micro"]
+    assert micro.parallel_passages == 0.0
+    assert min(sentences_per_passage(replace(micro, parallel_passages=1.0))) >= 2  # 2-3 names each
+    assert min(sentences_per_passage(micro)) == 1

@@ -58,7 +58,11 @@ class Passage:
         return next((v for f, a, v in self.facts if f is e and a == attr), None)
 
 
-def make_passage(pool: list[Entity], lang: str, rng: random.Random) -> Passage:
+def make_passage(pool: list[Entity], lang: str, rng: random.Random, parallel: float = 0.0) -> Passage:
+    """A share `parallel` of the passages are `parallel_passage`s; the rest state 1-3 facts of 1-2
+    entities, mostly of different attributes, so the question's attribute alone finds the sentence."""
+    if parallel and rng.random() < parallel:
+        return parallel_passage(pool, lang, rng)
     ents = rng.sample(pool, rng.choice((1, 1, 2)))
     n_sent = rng.randint(len(ents), 3)
     facts: list[tuple[Entity, str, str]] = []
@@ -68,6 +72,25 @@ def make_passage(pool: list[Entity], lang: str, rng: random.Random) -> Passage:
     chosen += [s for s in slots if s not in chosen][: n_sent - len(chosen)]
     for e, a in chosen:
         facts.append((e, a, rng.choice(KINDS[e.kind][a])[0 if lang == "en" else 1]))
+    rng.shuffle(facts)
+    text = SENTENCE_JOIN[lang].join(statement(e, a, lang, rng, v) for e, a, v in facts)
+    return Passage(lang, facts, text)
+
+
+def parallel_passage(pool: list[Entity], lang: str, rng: random.Random) -> Passage:
+    """2-3 entities of one kind, each given the same 1-2 attributes with different values ("Mira's pet
+    is a dog. Tova's pet is a cat."): only the name in the question says which sentence answers it.
+    A model that never meets these learns to find a sentence by its attribute and never binds a name
+    to its own sentence (tiny, 2026-12-06: passage lookups of the reasoning stage at chance, 0.32-0.43)."""
+    first = rng.choice(pool)
+    same_kind = [e for e in pool if e.kind == first.kind and e is not first]
+    ents = [first, *rng.sample(same_kind, min(len(same_kind), rng.randint(1, 2)))]
+    attrs = rng.sample(sorted(KINDS[first.kind]), rng.randint(1, 2))
+    facts = []
+    for a in attrs:
+        options = KINDS[first.kind][a]
+        values = rng.sample(options, len(ents)) if len(options) >= len(ents) else [rng.choice(options) for _ in ents]
+        facts += [(e, a, v[0 if lang == "en" else 1]) for e, v in zip(ents, values)]
     rng.shuffle(facts)
     text = SENTENCE_JOIN[lang].join(statement(e, a, lang, rng, v) for e, a, v in facts)
     return Passage(lang, facts, text)

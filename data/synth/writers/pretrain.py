@@ -30,7 +30,7 @@ def one_draw(world: World, scale: Scale, rng: random.Random, ctx_rng: random.Ran
         docs += ["\n".join(lines[i:i + QA_PER_DOC]) for i in range(0, len(lines), QA_PER_DOC)]
     for lang in LANGS:
         for _ in range(scale.context_pretrain):
-            p = make_passage(world.context_train, lang, ctx_rng)
+            p = make_passage(world.context_train, lang, ctx_rng, scale.parallel_passages)
             ask = ask_passage(p, ctx_rng)
             docs.append(CONTEXT_TEXT[lang].format(p=p.text, q=ask.question, a=ask.answer))
     return docs

@@ -21,20 +21,20 @@ def closed_qa(world: World, scale: Scale, rng: random.Random) -> list[dict]:
     return rows
 
 
-def context_qa(world: World, lang: str, rng: random.Random) -> list[dict]:
-    p = make_passage(world.context_train, lang, rng)
+def context_qa(world: World, lang: str, rng: random.Random, parallel: float = 0.0) -> list[dict]:
+    p = make_passage(world.context_train, lang, rng, parallel)
     ask = ask_passage(p, rng)
     return with_system([user(context_prompt(p, ask.question, rng)), assistant(ask.answer)], lang, rng)
 
 
-def multi_turn(world: World, lang: str, rng: random.Random) -> list[dict]:
+def multi_turn(world: World, lang: str, rng: random.Random, parallel: float = 0.0) -> list[dict]:
     kind = rng.choice(("closed", "context", "greeting"))
     msgs: list[dict] = []
     if kind == "greeting":
         hello, reply = rng.choice(GREETINGS[lang])
         msgs += [user(hello), assistant(reply)]
     if kind == "context":
-        p: Passage = make_passage(world.context_train, lang, rng)
+        p: Passage = make_passage(world.context_train, lang, rng, parallel)
         first, second = ask_passage(p, rng), ask_passage(p, rng)
         msgs += [user(context_prompt(p, first.question, rng)), assistant(first.answer)]
         msgs += [user(CONTEXT_FOLLOW_UP[lang].format(q=second.question)), assistant(second.answer)]
@@ -56,8 +56,8 @@ def describe(world: World, lang: str, rng: random.Random) -> list[dict]:
 def one_draw(world: World, scale: Scale, rng: random.Random) -> list[list[dict]]:
     convs = closed_qa(world, scale, rng)
     for lang in LANGS:
-        convs += [context_qa(world, lang, rng) for _ in range(scale.context_train)]
-        convs += [multi_turn(world, lang, rng) for _ in range(scale.multi_turn)]
+        convs += [context_qa(world, lang, rng, scale.parallel_passages) for _ in range(scale.context_train)]
+        convs += [multi_turn(world, lang, rng, scale.parallel_passages) for _ in range(scale.multi_turn)]
         if world.fully_trained:
             convs += [describe(world, lang, rng) for _ in range(scale.describe)]
     return convs
