@@ -220,3 +220,40 @@ def test_tag_weighted_loss():
                          ignore_index=-100, reduction="sum")
     assert plain.count == heavy.count == 14
     assert torch.allclose(plain.loss_sum, ce, atol=1e-4) and heavy.loss_sum > plain.loss_sum
+
+
+def test_grpo_num_iterations_reuses_each_rollout_with_the_ratio_to_its_sampling_policy(tmp_path, monkeypatch):
+    import training.grpo as grpo
+    from training.train_tokenizer import train_tokenizer
+    from vlm.tokenizer import load_tokenizer
+
+    train_tokenizer(["<think>3 + 4 = 7.</think><answer>7</answer> What is 3 + 4?"] * 20, tmp_path, vocab_size=280)
+    tok = load_tokenizer(tmp_path)
+    torch.manual_seed(0)
+    cfg = MiniMindConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=64)
+    policy, ref = MiniMindForCausalLM(cfg), MiniMindForCausalLM(cfg)
+    ref.load_state_dict(policy.state_dict())
+    opt = torch.optim.SGD(policy.parameters(), lr=0.5)
+    # A random model is never right: reward odd-length answers instead, so that advantages are not all zero.
+    monkeypatch.setattr(grpo, "answer_reward", lambda text, answer: float(len(text) % 2))
+    sampled_prompts = []
+    real_generate = grpo.fast_generate
+    monkeypatch.setattr(grpo, "fast_generate", lambda m, ids, *a, **k: sampled_prompts.append(ids) or real_generate(m, ids, *a, **k))
+    batches = [{"prompt_ids": [tok("What is 3 + 4?").input_ids], "answers": ["7"]},
+               {"prompt_ids": [tok("4 + 4").input_ids], "answers": ["8"]}]
+    loss_fn = grpo.make_grpo_loss(ref, tok, group=8, max_new_tokens=6, temperature=1.0, clip_eps=10.0, beta=0.0,
+                                  format_weight=0.2, seed=0, num_iterations=2)
+    losses = []
+    for batch in batches * 2:  # rollouts at steps 1 and 3, of the batch each of them is handed
+        out = loss_fn(policy, batch)
+        opt.zero_grad()
+        out.loss_sum.backward()
+        opt.step()
+        losses.append(out.loss_sum.item())
+    assert len(sampled_prompts) == 2 and all(p.shape[1] == len(batches[0]["prompt_ids"][0]) for p in sampled_prompts)
+    # Sampling policy == policy: ratio 1, and the zero-mean advantages cancel; one update later they do not.
+    assert abs(losses[0]) < 1e-6 and abs(losses[2]) < 1e-6
+    assert abs(losses[1]) > 1e-4
+    with pytest.raises(ValueError, match="num_iterations"):
+        grpo.make_grpo_loss(ref, tok, 4, 6, 1.0, 0.2, 0.0, 0.2, num_iterations=0)

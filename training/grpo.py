@@ -5,8 +5,11 @@ exact answer + think/answer format), and push up the responses that beat their g
 advantage A_i = (r_i - mean(r)) / (std(r) + eps) — no value network. Objective per response token:
 min(rho * A, clip(rho, 1 - eps, 1 + eps) * A) - beta * KL(pi || ref), with the k3 KL estimator
 exp(ref - logp) - (ref - logp) - 1 against the frozen starting model, bounded per token at `KL_CAP`.
-One policy update per rollout, so rho = exp(logp - logp.detach()) equals 1 in value and carries the
-policy gradient.
+With `--num-iterations` mu = 1 (the default) there is one policy update per rollout, so rho =
+exp(logp - logp.detach()) equals 1 in value and carries the policy gradient; with mu > 1 each rollout
+serves mu consecutive optimizer steps (the GRPO paper's mu, TRL's `num_iterations`), rho is taken
+against the log-probs it was sampled with and the clip bounds it (the batches drawn meanwhile are
+skipped, so a run of S steps samples S / mu batches).
 
 Sampling happens inside the loss function, so the shared Trainer (accumulation, clipping, schedule,
 checkpoints) runs GRPO like any other stage; a batch is a list of prompts.
@@ -96,11 +99,26 @@ def grpo_objective(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.T
 
 
 def make_grpo_loss(ref_model, tokenizer, group: int, max_new_tokens: int, temperature: float,
-                   clip_eps: float, beta: float, format_weight: float, seed: int = 0):
+                   clip_eps: float, beta: float, format_weight: float, seed: int = 0, num_iterations: int = 1):
+    if num_iterations < 1:
+        raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
     gen = torch.Generator()
     gen.manual_seed(seed)
+    state: dict = {"rollout": None, "uses": 0}
 
     def loss_fn(model, batch: dict) -> LossOutput:
+        if state["rollout"] is None or state["uses"] == num_iterations:
+            state["rollout"], state["uses"] = rollout(model, batch), 0
+        state["uses"] += 1
+        r = state["rollout"]
+        logp = token_logps(model, r["ids"], r["mask"])
+        if r["old_logp"] is None:  # first use: the policy that sampled it
+            r["old_logp"] = logp.detach()
+        per_seq, kl = grpo_objective(logp, r["old_logp"], r["ref_logp"], r["adv"], r["resp"], clip_eps, beta)
+        return LossOutput(loss_sum=per_seq.sum(), count=len(per_seq), metrics={**r["metrics"], "kl": kl.mean().item()})
+
+    @torch.no_grad()
+    def rollout(model, batch: dict) -> dict:
         policy = getattr(model, "module", model)  # DDP-wrapped or not
         device = next(policy.parameters()).device
         prompts = [p for p in batch["prompt_ids"] for _ in range(group)]
@@ -124,15 +142,12 @@ def make_grpo_loss(ref_model, tokenizer, group: int, max_new_tokens: int, temper
         ids = torch.cat([p_ids, new.masked_fill(r_mask == 0, PAD_ID)], dim=1)
         mask = torch.cat([p_mask, r_mask], dim=1)
         resp = torch.cat([torch.zeros_like(p_mask), r_mask], dim=1)[:, 1:].float()
-        logp = token_logps(model, ids, mask)
-        with torch.no_grad():
-            if next(ref_model.parameters()).device != device:
-                ref_model.to(device)
-            ref_logp = token_logps(ref_model, ids, mask)
-        per_seq, kl = grpo_objective(logp, logp.detach(), ref_logp, adv, resp, clip_eps, beta)
+        if next(ref_model.parameters()).device != device:
+            ref_model.to(device)
         metrics = {"reward": rewards.mean().item(), "correct": correct.mean().item(), "format": fmt.mean().item(),
-                   "kl": kl.mean().item(), "resp_len": r_mask.sum(1).float().mean().item()}
-        return LossOutput(loss_sum=per_seq.sum(), count=len(prompts), metrics=metrics)
+                   "resp_len": r_mask.sum(1).float().mean().item()}
+        return {"ids": ids, "mask": mask, "resp": resp, "adv": adv, "ref_logp": token_logps(ref_model, ids, mask),
+                "old_logp": None, "metrics": metrics}
     return loss_fn
 
 
@@ -148,13 +163,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--clip-eps", type=float, default=0.2)
     p.add_argument("--beta", type=float, default=0.04, help="weight of the KL to the reference")
     p.add_argument("--format-weight", type=float, default=0.2, help="share of the reward for the think/answer format")
+    p.add_argument("--num-iterations", type=int, default=1, help="optimizer steps per rollout (the GRPO paper's mu)")
     args, _ = parse_stage(p, "grpo", argv)
     if not args.init:
         raise SystemExit("--init: GRPO starts from an SFT (ideally reasoning-distilled) checkpoint folder")
     model, ref, tokenizer, tok_dir = load_policy_and_reference(args.init)
     dataset = PromptDataset(posttrain_file(args.data, "grpo_train.jsonl"), tokenizer, args.max_len)
     loss_fn = make_grpo_loss(ref, tokenizer, args.group or 8, args.max_new_tokens or 64, args.temperature, args.clip_eps,
-                             args.beta, args.format_weight, args.seed)
+                             args.beta, args.format_weight, args.seed, args.num_iterations)
     trainer = Trainer(model, dataset, prompt_collate, loss_fn, config_from_args(args),
                       count_fn=lambda b: len(b["answers"]) * args.group, save_fn=saver(tok_dir))
     summary = trainer.train()
