@@ -7,9 +7,9 @@ min(rho * A, clip(rho, 1 - eps, 1 + eps) * A) - beta * KL(pi || ref), with the k
 exp(ref - logp) - (ref - logp) - 1 against the frozen starting model, bounded per token at `KL_CAP`.
 With `--num-iterations` mu = 1 (the default) there is one policy update per rollout, so rho =
 exp(logp - logp.detach()) equals 1 in value and carries the policy gradient; with mu > 1 each rollout
-serves mu consecutive optimizer steps (the GRPO paper's mu, TRL's `num_iterations`), rho is taken
-against the log-probs it was sampled with and the clip bounds it (the batches drawn meanwhile are
-skipped, so a run of S steps samples S / mu batches).
+serves mu consecutive loss calls, i.e. optimizer steps at `--grad-accum 1` (the GRPO paper's mu, TRL's
+`num_iterations`), rho is taken against the log-probs it was sampled with and the clip bounds it (the
+batches drawn meanwhile are skipped, so a run of S steps samples S / mu batches).
 
 Sampling happens inside the loss function, so the shared Trainer (accumulation, clipping, schedule,
 checkpoints) runs GRPO like any other stage; a batch is a list of prompts.
