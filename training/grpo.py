@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--clip-eps", type=float, default=0.2)
     p.add_argument("--beta", type=float, default=0.04, help="weight of the KL to the reference")
     p.add_argument("--format-weight", type=float, default=0.2, help="share of the reward for the think/answer format")
-    p.add_argument("--num-iterations", type=int, default=1, help="optimizer steps per rollout (the GRPO paper's mu)")
+    p.add_argument("--num-iterations", type=int, default=1, help="loss calls per rollout, i.e. optimizer steps at --grad-accum 1 (the GRPO paper's mu)")
     args, _ = parse_stage(p, "grpo", argv)
     if not args.init:
         raise SystemExit("--init: GRPO starts from an SFT (ideally reasoning-distilled) checkpoint folder")
