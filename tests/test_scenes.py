@@ -202,3 +202,36 @@ def test_question_only_sft_images_add_rows_after_the_train_rows_and_change_nothi
     assert all(r["image"].startswith("sft/") and (tmp_path / "more" / "images" / r["image"]).is_file() for r in extra)
     assert {r["type"] for r in extra} >= {"colour", "shape", "count", "text"}
     assert not any(r["image"].startswith("sft/") for r in _rows(tmp_path / "more" / "clip_pretrain.jsonl"))
+
+
+def test_a_question_that_names_one_of_two_objects_is_answered_key_first():
+    """Keyed answers put the asked object's key where the answer is predicted (docs/experiments.md)."""
+    scene = sample_scene(random.Random(5), "train", "pair")
+    for o in scene.objects:
+        other = next(x for x in scene.objects if x is not o)
+        en = {t: (q, a) for t, q, a in questions(scene, random.Random(0), "en", about=o, keyed=True)}
+        zh = {t: (q, a) for t, q, a in questions(scene, random.Random(0), "zh", about=o, keyed=True)}
+        plain = {t: a for t, _, a in questions(scene, random.Random(0), "en", about=o)}
+        assert plain == {"colour": o.colour, "shape": o.shape, "position": o.position}  # the default
+        assert en["colour"] == (f"What colour is the {o.shape}?", f"{o.shape} {o.colour}")
+        assert en["shape"][1] == f"{o.position} {o.shape}" and o.position in en["shape"][0]
+        assert en["position"] == (f"Where is the {o.colour} {o.shape}?", f"{o.colour} {o.shape} {o.position}")
+        assert zh["colour"][1] == SHAPES[o.shape][1] + COLOURS[o.colour][1]
+        assert other.colour not in en["colour"][1] and COLOURS[other.colour][1] not in zh["colour"][1]
+
+
+def test_pair_images_ask_about_both_objects_after_every_other_row(micro, tmp_path):
+    out, _ = micro
+    more = write_scene_splits(tmp_path / "more", seed=3, scale="micro", pair_images=5)
+    for rel in ["clip_pretrain.jsonl", "vlm_pretrain.jsonl", "eval/vqa.jsonl", "images/train/000000.png"]:
+        assert (out / rel).read_bytes() == (tmp_path / "more" / rel).read_bytes(), rel
+    before, after = _rows(out / "vlm_sft.jsonl"), _rows(tmp_path / "more" / "vlm_sft.jsonl")
+    assert after[:len(before)] == before
+    extra = after[len(before):]
+    assert more["pair_images"] == 5 and len(extra) == 5 * 2 * 3 * 2  # objects x types x languages
+    for image in {r["image"] for r in extra}:
+        assert image.startswith("pairs/") and (tmp_path / "more" / "images" / image).is_file()
+        colour_answers = {r["conversations"][1]["content"] for r in extra if r["image"] == image
+                          and r["type"] == "colour" and r["lang"] == "en"}
+        assert len(colour_answers) == 2  # one per object
+    assert not any(r["image"].startswith("pairs/") for r in _rows(tmp_path / "more" / "clip_pretrain.jsonl"))
