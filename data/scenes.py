@@ -75,9 +75,10 @@ HELD_OUT_PAIRS = frozenset({("red", "triangle"), ("green", "star"), ("blue", "ci
 # head of that one (what the tokenizer reads) stay as they were: the LM does not change with them.
 # `pair_images` (off by default) adds two-object scenes for VLM SFT, each asked about both objects, their
 # rows last. With `keyed` answers they are what taught the VLM to look up the object a question names:
-# on the tiny seed-42 VLM, VLM SFT with keyed answers and 16000 of them (7000 steps instead of 4500)
-# lifted held-out two-object questions from 0.39 to 0.62, VQA 0.788 -> 0.812 (count fell 0.88 -> 0.78);
-# either one alone left the two-object questions at 0.40 (docs/experiments.md). Not the default yet:
+# on the tiny seed-42 VLM, VLM SFT with keyed answers and 8000 of them (7000 steps instead of 4500)
+# lifted held-out two-object questions from 0.39 to 0.625 and VQA from 0.788 to 0.847 (16000: 0.617 and
+# 0.812, count falling to 0.78); either one alone left the two-object questions at 0.40
+# (docs/experiments.md). Not the default yet:
 # keyed answers change the text the tokenizer reads, so the LM, and the pipeline has not been rerun.
 SCALES = {
     "micro": dict(train=48, eval=30, size=64, clip=24),
