@@ -73,17 +73,18 @@ HELD_OUT_PAIRS = frozenset({("red", "triangle"), ("green", "star"), ("blue", "ci
 # VQA 0.667 vs 0.632, unseen pairs 0.683 vs 0.656; 72000: 0.662 / 0.660. They come from their own
 # random stream and their rows follow the train rows in `vlm_sft.jsonl`, so every other file and the
 # head of that one (what the tokenizer reads) stay as they were: the LM does not change with them.
-# `pair_images` (off by default) adds two-object scenes for VLM SFT, each asked about both objects, their
-# rows last. With `keyed` answers they are what taught the VLM to look up the object a question names:
-# on the tiny seed-42 VLM, VLM SFT with keyed answers and 8000 of them (7000 steps instead of 4500)
-# lifted held-out two-object questions from 0.39 to 0.625 and VQA from 0.788 to 0.847 (16000: 0.617 and
-# 0.812, count falling to 0.78); either one alone left the two-object questions at 0.40
-# (docs/experiments.md). Not the default yet:
-# keyed answers change the text the tokenizer reads, so the LM, and the pipeline has not been rerun.
+# `pairs` adds two-object scenes for VLM SFT, each asked about both objects, their rows last, and
+# `keyed` answers a question about one of several objects key first ("circle red"). Together (either
+# one alone left the two-object questions at 0.40) they taught the VLM to look up the object a
+# question names: on the tiny seed-42 VLM, VLM SFT with keyed answers and 8000 pair scenes (7000 steps
+# instead of 4500) lifted held-out two-object questions from 0.39 to 0.625 and VQA from 0.788 to 0.847
+# (16000: 0.617 and 0.812, count falling to 0.78; docs/experiments.md). Keyed answers change the head
+# of `vlm_sft.jsonl`, which the tokenizer reads, so they change the LM too: the pipeline from scratch
+# with both gave VQA 0.818, two-object questions 0.57 (seed 42, runs/keyed42).
 SCALES = {
-    "micro": dict(train=48, eval=30, size=64, clip=24),
-    "tiny": dict(train=9000, eval=300, size=64, clip=20000, sft=27000),
-    "small": dict(train=20000, eval=1000, size=96, clip=60000),
+    "micro": dict(train=48, eval=30, size=64, clip=24, keyed=True, pairs=8),
+    "tiny": dict(train=9000, eval=300, size=64, clip=20000, sft=27000, keyed=True, pairs=8000),
+    "small": dict(train=20000, eval=1000, size=96, clip=60000, keyed=True, pairs=8000),  # pairs: tiny's, unmeasured here
 }
 KIND_WEIGHTS = {"single": 3, "pair": 2, "count": 2, "text": 1.5, "chart": 1.5}
 # The VLM's training images: a single or pair scene brings 6-8 questions, a count or text scene 2, so
@@ -398,16 +399,19 @@ def _kinds(n: int, rng: random.Random, weights: dict[str, float] = KIND_WEIGHTS)
 
 
 def write_scene_splits(out_dir: str | Path, seed: int = 0, scale: str = "tiny", images: bool = True,
-                       keyed: bool = False, pair_images: int = 0) -> dict:
+                       keyed: bool | None = None, pair_images: int | None = None) -> dict:
     """Render the train and eval scenes of `scale` into `out_dir`; returns the summary (also scenes.json).
 
     `images=False` writes only the text (captions, questions; identical either way, as the scenes
     come from seeded generators and `render` is deterministic): the tokenizer and the LM stages need
     the words, and rendering is most of the synthetic world's cost (tiny: 29 of 32 s). A second
-    call with `images=True` adds the pictures, which only the vision stages read."""
+    call with `images=True` adds the pictures, which only the vision stages read.
+    `keyed` and `pair_images` default to the scale's `keyed` and `pairs`."""
     if scale not in SCALES:
         raise ValueError(f"unknown scene scale {scale!r}; choose one of {sorted(SCALES)}")
     spec, out = SCALES[scale], Path(out_dir)
+    keyed = spec.get("keyed", False) if keyed is None else keyed
+    pair_images = spec.get("pairs", 0) if pair_images is None else pair_images
     clip_rows, pre_rows, sft_rows, vqa_rows, cap_rows, more_rows = [], [], [], [], [], []
     for split in ("train", "eval", "clip", "sft"):
         rng = random.Random(f"scenes-{seed}-{split}")  # str seeds are hashed stably across runs
@@ -493,10 +497,12 @@ if __name__ == "__main__":  # standalone use; `python -m data.synth` calls write
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", default="tiny", choices=sorted(SCALES))
     parser.add_argument("--no-images", action="store_true", help="captions and questions only, no rendering")
-    parser.add_argument("--keyed-answers", action="store_true",
-                        help='answer a question about one of several objects key first: "circle red"')
-    parser.add_argument("--pair-images", type=int, default=0,
-                        help="extra two-object scenes for VLM SFT, both objects asked about (rows last)")
+    parser.add_argument("--keyed-answers", action=argparse.BooleanOptionalAction, default=None,
+                        help='answer a question about one of several objects key first: "circle red" '
+                             "(default: the scale's)")
+    parser.add_argument("--pair-images", type=int, default=None,
+                        help="extra two-object scenes for VLM SFT, both objects asked about, rows last "
+                             "(default: the scale's)")
     cli = parser.parse_args()
     print(json.dumps(write_scene_splits(cli.out, cli.seed, cli.scale, images=not cli.no_images,
                                         keyed=cli.keyed_answers, pair_images=cli.pair_images), indent=2))

@@ -60,7 +60,8 @@ def test_files_follow_minimind_v_format(micro):
     assert len(vqa) == 60 and {r["lang"] for r in vqa} == {"en", "zh"}
     for r in vqa:
         assert r["answer"] == r["conversations"][1]["content"] and r["type"] in TYPES
-        assert isinstance(r["unseen_combo"], bool) and len(r["answer"].split()) == 1
+        assert isinstance(r["unseen_combo"], bool)
+        assert len(r["answer"].split()) == 1 or r["type"] in ("colour", "shape", "position")  # keyed: "circle red"
         assert r["image"].startswith("eval/")
     assert any(r["unseen_combo"] for r in vqa) and not all(r["unseen_combo"] for r in vqa)
     # CLIP sees the train images and the caption-only `clip` images; the VLM stages only the former
@@ -69,7 +70,8 @@ def test_files_follow_minimind_v_format(micro):
     assert {r["image"].split("/")[0] for r in clip} == {"train", "clip"}
     assert all((out / "images" / r["image"]).is_file() for r in clip)
     vlm_images = {r["image"] for name in ["vlm_pretrain.jsonl", "vlm_sft.jsonl"] for r in _rows(out / name)}
-    assert all(i.startswith("train/") for i in vlm_images)
+    assert all(i.startswith(("train/", "pairs/")) for i in vlm_images)  # pairs: SFT only
+    assert summary["keyed_answers"] and summary["pair_images"] == 8
 
 
 def test_training_never_shows_a_held_out_pair_but_eval_does(micro):
@@ -181,7 +183,7 @@ def test_training_questions_cover_counting_and_reading_about_as_often_as_colour(
     from collections import Counter
 
     write_scene_splits(tmp_path, seed=1, scale="tiny", images=False)
-    per_type = Counter(r["type"] for r in _rows(tmp_path / "vlm_sft.jsonl"))
+    per_type = Counter(r["type"] for r in _rows(tmp_path / "vlm_sft.jsonl") if not r["image"].startswith("pairs/"))
     assert per_type["text"] >= 0.75 * per_type["colour"] and per_type["count"] >= 0.75 * per_type["colour"]
     # the held-out questions keep the old mix, so VQA figures stay comparable across versions
     eval_types = Counter(r["type"] for r in _rows(tmp_path / "eval" / "vqa.jsonl"))
@@ -189,9 +191,10 @@ def test_training_questions_cover_counting_and_reading_about_as_often_as_colour(
 
 
 def test_question_only_sft_images_add_rows_after_the_train_rows_and_change_nothing_else(micro, tmp_path, monkeypatch):
-    out, summary = micro
+    out = tmp_path / "none"
+    write_scene_splits(out, seed=3, scale="micro", pair_images=0)
     monkeypatch.setitem(SCALES, "micro", {**SCALES["micro"], "sft": 20})
-    more = write_scene_splits(tmp_path / "more", seed=3, scale="micro")
+    more = write_scene_splits(tmp_path / "more", seed=3, scale="micro", pair_images=0)
     for rel in ["clip_pretrain.jsonl", "vlm_pretrain.jsonl", "eval/vqa.jsonl", "eval/captions.jsonl",
                 "images/train/000000.png"]:  # what the tokenizer, CLIP and VLM pretraining read stays the same
         assert (out / rel).read_bytes() == (tmp_path / "more" / rel).read_bytes(), rel
@@ -221,7 +224,8 @@ def test_a_question_that_names_one_of_two_objects_is_answered_key_first():
 
 
 def test_pair_images_ask_about_both_objects_after_every_other_row(micro, tmp_path):
-    out, _ = micro
+    out = tmp_path / "none"
+    write_scene_splits(out, seed=3, scale="micro", pair_images=0)
     more = write_scene_splits(tmp_path / "more", seed=3, scale="micro", pair_images=5)
     for rel in ["clip_pretrain.jsonl", "vlm_pretrain.jsonl", "eval/vqa.jsonl", "images/train/000000.png"]:
         assert (out / rel).read_bytes() == (tmp_path / "more" / rel).read_bytes(), rel
