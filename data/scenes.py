@@ -249,7 +249,8 @@ def shortest_bar(scene: Scene) -> str:
 
 def questions(scene: Scene, rng: random.Random, lang: str, about: Obj | None = None,
               keyed: bool = False) -> list[tuple[str, str, str]]:
-    """Every (type, question, answer) the scene supports, in `lang`; answers are one short word.
+    """Every (type, question, answer) the scene supports, in `lang`; answers are one short word, or
+    with `keyed` the key word(s) and then that word.
 
     `keyed=True`: a question that picks one object by its shape, place, or colour and shape is
     answered with that key first ("What colour is the circle?" -> "circle red", "圆形红色"), so the

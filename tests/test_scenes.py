@@ -223,6 +223,16 @@ def test_a_question_that_names_one_of_two_objects_is_answered_key_first():
         assert other.colour not in en["colour"][1] and COLOURS[other.colour][1] not in zh["colour"][1]
 
 
+def test_the_old_plain_scenes_are_one_flag_away(tmp_path):
+    """keyed=False, pair_images=0 override the scale: one-word answers, no pair scenes."""
+    summary = write_scene_splits(tmp_path, seed=3, scale="micro", images=False, keyed=False, pair_images=0)
+    assert not summary["keyed_answers"] and summary["pair_images"] == 0
+    for name in ["vlm_sft.jsonl", "eval/vqa.jsonl"]:
+        rows = _rows(tmp_path / name)
+        assert not any(r["image"].startswith("pairs/") for r in rows)
+        assert all(len(r["conversations"][1]["content"].split()) == 1 for r in rows if r["type"] != "caption")
+
+
 def test_pair_images_ask_about_both_objects_after_every_other_row(micro, tmp_path):
     out = tmp_path / "none"
     write_scene_splits(out, seed=3, scale="micro", pair_images=0)
