@@ -1,5 +1,6 @@
 """data.scenes: deterministic rendered scenes, bilingual captions and Q&A, held-out colour+shape pairs."""
 import json
+import os
 import random
 from pathlib import Path
 
@@ -31,6 +32,19 @@ def test_same_seed_same_bytes_other_seed_differs(micro, tmp_path):
         assert (out / rel).read_bytes() == (tmp_path / "again" / rel).read_bytes(), rel
     write_scene_splits(tmp_path / "other", seed=4, scale="micro")
     assert (out / "vlm_sft.jsonl").read_bytes() != (tmp_path / "other" / "vlm_sft.jsonl").read_bytes()
+
+
+def test_images_drawn_by_a_pool_of_processes_are_the_same_bytes(micro, tmp_path, monkeypatch):
+    import data.scenes as scenes
+    out, summary = micro
+    monkeypatch.setattr(scenes, "PARALLEL_RENDER_MIN", 0)  # micro's 100-odd images through the pool too
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one core: the pool is never used")
+    assert write_scene_splits(tmp_path / "pool", seed=3, scale="micro") == summary
+    images = sorted(p.relative_to(out) for p in (out / "images").rglob("*.png"))
+    assert len(images) > 100
+    for rel in images:
+        assert (out / rel).read_bytes() == (tmp_path / "pool" / rel).read_bytes(), rel
 
 
 def test_text_only_scenes_write_the_same_texts_and_no_images(micro, tmp_path):
