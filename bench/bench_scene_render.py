@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from data.scenes import TRAIN_KIND_WEIGHTS, _kinds, _render_all, _render_batch, sample_scene
+from data.scenes import TRAIN_KIND_WEIGHTS, _kinds, _render_all, _render_batch, sample_scene, usable_cores
 
 
 def main() -> None:
@@ -47,7 +47,7 @@ def main() -> None:
         same = all((Path(tmp) / "serial" / f).read_bytes() == (Path(tmp) / "pool" / f).read_bytes()
                    for f in os.listdir(Path(tmp) / "serial"))
     print(json.dumps({
-        "images": args.images, "size": args.size, "cores": len(os.sched_getaffinity(0)),
+        "images": args.images, "size": args.size, "cores": usable_cores(),
         "serial_s": round(statistics.median(times["serial"]), 2), "pool_s": round(statistics.median(times["pool"]), 2),
         "speedup": round(statistics.median(s / p for s, p in zip(times["serial"], times["pool"])), 2),
         "identical_files": same}))

@@ -502,10 +502,15 @@ def _render_batch(jobs: list[tuple[Scene, Path]], size: int) -> None:
 PARALLEL_RENDER_MIN = 2000  # fewer images render faster in this process than a pool starts
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _render_all(jobs: list[tuple[Scene, Path]], size: int) -> None:
     """Draw every scene to its path, in chunks over the CPU's cores: the images are the same either way,
     in less time (tiny's 64k images on 2 cores: see `bench/bench_scene_render.py`)."""
-    workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
+    workers = min(usable_cores(), 8)
     if workers < 2 or len(jobs) < PARALLEL_RENDER_MIN:
         _render_batch(jobs, size)
         return
