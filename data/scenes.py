@@ -83,10 +83,14 @@ HELD_OUT_PAIRS = frozenset({("red", "triangle"), ("green", "star"), ("blue", "ci
 # (16000: 0.617 and 0.812, count falling to 0.78; docs/experiments.md). Keyed answers change the head
 # of `vlm_sft.jsonl`, which the tokenizer reads, so they change the LM too: the pipeline from scratch
 # with both gave VQA 0.818, two-object questions 0.57 (seed 42, runs/keyed42).
+# `charts` adds bar charts for VLM SFT asked for the tallest and the shortest bar, their rows last:
+# the VLM named the shortest bar in 11 of 32 held-out questions with the charts of the mixed splits
+# (and 0.19 of its own training charts), 26 of 32 with 6000 more (docs/experiments.md).
 SCALES = {
-    "micro": dict(train=48, eval=30, size=64, clip=24, keyed=True, pairs=8),
-    "tiny": dict(train=9000, eval=300, size=64, clip=20000, sft=27000, keyed=True, pairs=8000),
-    "small": dict(train=20000, eval=1000, size=96, clip=60000, keyed=True, pairs=8000),  # pairs: tiny's, unmeasured here
+    "micro": dict(train=48, eval=30, size=64, clip=24, keyed=True, pairs=8, charts=8),
+    "tiny": dict(train=9000, eval=300, size=64, clip=20000, sft=27000, keyed=True, pairs=8000, charts=6000),
+    # pairs and charts: tiny's, unmeasured here
+    "small": dict(train=20000, eval=1000, size=96, clip=60000, keyed=True, pairs=8000, charts=6000),
 }
 KIND_WEIGHTS = {"single": 3, "pair": 2, "count": 2, "text": 1.5, "chart": 1.5}
 # The VLM's training images: a single or pair scene brings 6-8 questions, a count or text scene 2, so
@@ -296,12 +300,17 @@ def questions(scene: Scene, rng: random.Random, lang: str, about: Obj | None = N
     elif scene.kind == "text":
         qs.append(("text", "图片上写的是什么？" if zh else "What is written in the image?", scene.text))
     elif scene.kind == "chart":
-        qs += [
-            ("chart", "哪根柱子最高？" if zh else "Which bar is the tallest?", cn(tallest_bar(scene))),
-            ("chart", "哪根柱子最矮？" if zh else "Which bar is the shortest?", cn(shortest_bar(scene))),
-            ("chart", "图中有几根柱子？" if zh else "How many bars are in the chart?", str(len(scene.bars))),
-        ]
+        qs += [*chart_superlatives(scene, lang),
+               ("chart", "图中有几根柱子？" if zh else "How many bars are in the chart?", str(len(scene.bars)))]
     return qs
+
+
+def chart_superlatives(scene: Scene, lang: str) -> list[tuple[str, str, str]]:
+    """The chart's "which bar is the tallest / shortest?" questions, (type, question, answer)."""
+    zh = lang == "zh"
+    cn = lambda c: COLOURS[c][1] if zh else c  # noqa: E731
+    return [("chart", "哪根柱子最高？" if zh else "Which bar is the tallest?", cn(tallest_bar(scene))),
+            ("chart", "哪根柱子最矮？" if zh else "Which bar is the shortest?", cn(shortest_bar(scene)))]
 
 
 def _swap_groups() -> list[list[str]]:
@@ -402,19 +411,21 @@ def _kinds(n: int, rng: random.Random, weights: dict[str, float] = KIND_WEIGHTS)
 
 
 def write_scene_splits(out_dir: str | Path, seed: int = 0, scale: str = "tiny", images: bool = True,
-                       keyed: bool | None = None, pair_images: int | None = None) -> dict:
+                       keyed: bool | None = None, pair_images: int | None = None,
+                       chart_images: int | None = None) -> dict:
     """Render the train and eval scenes of `scale` into `out_dir`; returns the summary (also scenes.json).
 
     `images=False` writes only the text (captions, questions; identical either way, as the scenes
     come from seeded generators and `render` is deterministic): the tokenizer and the LM stages need
     the words, and rendering is most of the synthetic world's cost (tiny: 29 of 32 s). A second
     call with `images=True` adds the pictures, which only the vision stages read.
-    `keyed` and `pair_images` default to the scale's `keyed` and `pairs`."""
+    `keyed`, `pair_images` and `chart_images` default to the scale's `keyed`, `pairs` and `charts`."""
     if scale not in SCALES:
         raise ValueError(f"unknown scene scale {scale!r}; choose one of {sorted(SCALES)}")
     spec, out = SCALES[scale], Path(out_dir)
     keyed = spec.get("keyed", False) if keyed is None else keyed
     pair_images = spec.get("pairs", 0) if pair_images is None else pair_images
+    chart_images = spec.get("charts", 0) if chart_images is None else chart_images
     clip_rows, pre_rows, sft_rows, vqa_rows, cap_rows, more_rows = [], [], [], [], [], []
     to_render: list[tuple[Scene, Path]] = []  # drawn after the text, on every core (render is deterministic)
     for split in ("train", "eval", "clip", "sft"):
@@ -468,13 +479,25 @@ def write_scene_splits(out_dir: str | Path, seed: int = 0, scale: str = "tiny", 
             for lang in ("en", "zh"):
                 for qtype, q, a in questions(scene, rng, lang, about=o, keyed=keyed):
                     pair_rows.append({"conversations": _chat(q, a), "image": image, "type": qtype, "lang": lang})
+    chart_rows = []  # bar charts asked which bar is the tallest and the shortest: their own stream, rows last
+    rng = random.Random(f"scenes-{seed}-charts")
+    if images and chart_images:
+        (out / "images" / "charts").mkdir(parents=True, exist_ok=True)
+    for i in range(chart_images):
+        scene, image = sample_scene(rng, "train", "chart"), f"charts/{i:06d}.png"
+        if images:
+            to_render.append((scene, out / "images" / image))
+        for lang in ("en", "zh"):
+            for qtype, q, a in chart_superlatives(scene, lang):
+                chart_rows.append({"conversations": _chat(q, a), "image": image, "type": qtype, "lang": lang})
     _render_all(to_render, spec["size"])
     rng = random.Random(f"scenes-{seed}-shuffle")
     rng.shuffle(sft_rows)
     rng.shuffle(pre_rows)
     random.Random(f"scenes-{seed}-shuffle-sft").shuffle(more_rows)
     random.Random(f"scenes-{seed}-shuffle-pairs").shuffle(pair_rows)
-    sft_rows += more_rows + pair_rows  # after the train rows (training samples rows in random order anyway)
+    random.Random(f"scenes-{seed}-shuffle-charts").shuffle(chart_rows)
+    sft_rows += more_rows + pair_rows + chart_rows  # after the train rows (training samples rows in random order anyway)
     _write_jsonl(out / "clip_pretrain.jsonl", clip_rows)
     _write_jsonl(out / "vlm_pretrain.jsonl", pre_rows)
     _write_jsonl(out / "vlm_sft.jsonl", sft_rows)
@@ -483,7 +506,8 @@ def write_scene_splits(out_dir: str | Path, seed: int = 0, scale: str = "tiny", 
     summary = {
         "scale": scale, "seed": seed, "images_rendered": images, "image_size": spec["size"], "image_root": "images",
         "train_images": spec["train"], "eval_images": spec["eval"], "clip_only_images": spec["clip"],
-        "sft_only_images": spec.get("sft", 0), "pair_images": pair_images, "keyed_answers": keyed,
+        "sft_only_images": spec.get("sft", 0), "pair_images": pair_images, "chart_images": chart_images,
+        "keyed_answers": keyed,
         "clip_pretrain": len(clip_rows), "vlm_pretrain": len(pre_rows), "vlm_sft": len(sft_rows),
         "eval_vqa": len(vqa_rows), "eval_vqa_unseen_combo": sum(r["unseen_combo"] for r in vqa_rows),
         "held_out_pairs": sorted(f"{c}+{s}" for c, s in HELD_OUT_PAIRS),
@@ -534,6 +558,10 @@ if __name__ == "__main__":  # standalone use; `python -m data.synth` calls write
     parser.add_argument("--pair-images", type=int, default=None,
                         help="extra two-object scenes for VLM SFT, both objects asked about, rows last "
                              "(default: the scale's)")
+    parser.add_argument("--chart-images", type=int, default=None,
+                        help="extra bar charts for VLM SFT, asked for the tallest and the shortest bar, rows last "
+                             "(default: the scale's)")
     cli = parser.parse_args()
     print(json.dumps(write_scene_splits(cli.out, cli.seed, cli.scale, images=not cli.no_images,
-                                        keyed=cli.keyed_answers, pair_images=cli.pair_images), indent=2))
+                                        keyed=cli.keyed_answers, pair_images=cli.pair_images,
+                                        chart_images=cli.chart_images), indent=2))

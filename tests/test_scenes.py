@@ -4,6 +4,7 @@ import random
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from data.scenes import (COLOURS, HELD_OUT_PAIRS, SCALES, SHAPES, caption, colourless_caption, hard_negative, questions, sample_scene,
                          swapped_binding,
@@ -83,8 +84,8 @@ def test_files_follow_minimind_v_format(micro):
     assert {r["image"].split("/")[0] for r in clip} == {"train", "clip"}
     assert all((out / "images" / r["image"]).is_file() for r in clip)
     vlm_images = {r["image"] for name in ["vlm_pretrain.jsonl", "vlm_sft.jsonl"] for r in _rows(out / name)}
-    assert all(i.startswith(("train/", "pairs/")) for i in vlm_images)  # pairs: SFT only
-    assert summary["keyed_answers"] and summary["pair_images"] == 8
+    assert all(i.startswith(("train/", "pairs/", "charts/")) for i in vlm_images)  # pairs, charts: SFT only
+    assert summary["keyed_answers"] and summary["pair_images"] == 8 and summary["chart_images"] == 8
 
 
 def test_training_never_shows_a_held_out_pair_but_eval_does(micro):
@@ -205,9 +206,9 @@ def test_training_questions_cover_counting_and_reading_about_as_often_as_colour(
 
 def test_question_only_sft_images_add_rows_after_the_train_rows_and_change_nothing_else(micro, tmp_path, monkeypatch):
     out = tmp_path / "none"
-    write_scene_splits(out, seed=3, scale="micro", pair_images=0)
+    write_scene_splits(out, seed=3, scale="micro", pair_images=0, chart_images=0)
     monkeypatch.setitem(SCALES, "micro", {**SCALES["micro"], "sft": 20})
-    more = write_scene_splits(tmp_path / "more", seed=3, scale="micro", pair_images=0)
+    more = write_scene_splits(tmp_path / "more", seed=3, scale="micro", pair_images=0, chart_images=0)
     for rel in ["clip_pretrain.jsonl", "vlm_pretrain.jsonl", "eval/vqa.jsonl", "eval/captions.jsonl",
                 "images/train/000000.png"]:  # what the tokenizer, CLIP and VLM pretraining read stays the same
         assert (out / rel).read_bytes() == (tmp_path / "more" / rel).read_bytes(), rel
@@ -237,19 +238,20 @@ def test_a_question_that_names_one_of_two_objects_is_answered_key_first():
 
 
 def test_the_old_plain_scenes_are_one_flag_away(tmp_path):
-    """keyed=False, pair_images=0 override the scale: one-word answers, no pair scenes."""
-    summary = write_scene_splits(tmp_path, seed=3, scale="micro", images=False, keyed=False, pair_images=0)
-    assert not summary["keyed_answers"] and summary["pair_images"] == 0
+    """keyed=False, pair_images=0, chart_images=0 override the scale: one-word answers, no extra scenes."""
+    summary = write_scene_splits(tmp_path, seed=3, scale="micro", images=False, keyed=False, pair_images=0,
+                                 chart_images=0)
+    assert not summary["keyed_answers"] and summary["pair_images"] == summary["chart_images"] == 0
     for name in ["vlm_sft.jsonl", "eval/vqa.jsonl"]:
         rows = _rows(tmp_path / name)
-        assert not any(r["image"].startswith("pairs/") for r in rows)
+        assert not any(r["image"].startswith(("pairs/", "charts/")) for r in rows)
         assert all(len(r["conversations"][1]["content"].split()) == 1 for r in rows if r["type"] != "caption")
 
 
 def test_pair_images_ask_about_both_objects_after_every_other_row(micro, tmp_path):
     out = tmp_path / "none"
-    write_scene_splits(out, seed=3, scale="micro", pair_images=0)
-    more = write_scene_splits(tmp_path / "more", seed=3, scale="micro", pair_images=5)
+    write_scene_splits(out, seed=3, scale="micro", pair_images=0, chart_images=0)
+    more = write_scene_splits(tmp_path / "more", seed=3, scale="micro", pair_images=5, chart_images=0)
     for rel in ["clip_pretrain.jsonl", "vlm_pretrain.jsonl", "eval/vqa.jsonl", "images/train/000000.png"]:
         assert (out / rel).read_bytes() == (tmp_path / "more" / rel).read_bytes(), rel
     before, after = _rows(out / "vlm_sft.jsonl"), _rows(tmp_path / "more" / "vlm_sft.jsonl")
@@ -262,3 +264,35 @@ def test_pair_images_ask_about_both_objects_after_every_other_row(micro, tmp_pat
                           and r["type"] == "colour" and r["lang"] == "en"}
         assert len(colour_answers) == 2  # one per object
     assert not any(r["image"].startswith("pairs/") for r in _rows(tmp_path / "more" / "clip_pretrain.jsonl"))
+
+
+def test_chart_images_ask_for_the_tallest_and_the_shortest_bar_after_every_other_row(micro, tmp_path):
+    out = tmp_path / "none"
+    write_scene_splits(out, seed=3, scale="micro", chart_images=0)
+    more = write_scene_splits(tmp_path / "more", seed=3, scale="micro", chart_images=4)
+    for rel in ["clip_pretrain.jsonl", "vlm_pretrain.jsonl", "eval/vqa.jsonl", "images/train/000000.png"]:
+        assert (out / rel).read_bytes() == (tmp_path / "more" / rel).read_bytes(), rel
+    before, after = _rows(out / "vlm_sft.jsonl"), _rows(tmp_path / "more" / "vlm_sft.jsonl")
+    assert after[:len(before)] == before  # pair rows and all before them unchanged
+    extra = after[len(before):]
+    assert more["chart_images"] == 4 and len(extra) == 4 * 2 * 2  # superlatives x languages
+    for image in {r["image"] for r in extra}:
+        assert image.startswith("charts/")
+        picture = Image.open(tmp_path / "more" / "images" / image).convert("RGB")
+        en = {r["conversations"][0]["content"].split("\n")[1]: r["conversations"][1]["content"]
+              for r in extra if r["image"] == image and r["lang"] == "en"}
+        tallest, shortest = en["Which bar is the tallest?"], en["Which bar is the shortest?"]
+        tops = _bar_tops(picture)  # the answers name the bars drawn highest and lowest
+        assert tops[tallest] == min(tops.values()) and tops[shortest] == max(tops.values())
+    assert not any(r["image"].startswith("charts/") for r in _rows(tmp_path / "more" / "clip_pretrain.jsonl"))
+
+
+def _bar_tops(picture) -> dict[str, int]:
+    """The top pixel row of each colour's bar in a rendered chart."""
+    pixels, tops = picture.load(), {}
+    for name, (rgb, _) in COLOURS.items():
+        rows = [y for y in range(picture.height) for x in range(picture.width)
+                if sum(abs(a - b) for a, b in zip(pixels[x, y], rgb)) < 40]
+        if len(rows) > 10:
+            tops[name] = min(rows)
+    return tops
