@@ -18,7 +18,8 @@ to `out_dir/images`, like minimind-v's `--images_path`):
                          add `regions`: `[{"box": [x0, y0, x1, y1], "caption"}]`, one per shape
 - `vlm_pretrain.jsonl`   `{"conversations": [user "<image>\\nDescribe...", assistant caption], "image"}`
 - `vlm_sft.jsonl`        `{"conversations": [user "<image>\\nquestion", assistant answer], "image", "type", "lang"}`
-                         (the train images' questions, then those of the question-only `sft` images)
+                         (the train images' questions, then those of the question-only `sft`, `pairs`
+                         and `charts` images)
 - `eval/vqa.jsonl`       the same plus `"answer"`, `"lang"`, `"type"`, `"unseen_combo"`
 - `eval/captions.jsonl`  `{"image", "caption", "caption_zh", "kind", "unseen_combo"}` (retrieval eval)
 - `scenes.json`          counts, scale, seed, held-out pairs
