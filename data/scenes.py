@@ -468,36 +468,18 @@ def write_scene_splits(out_dir: str | Path, seed: int = 0, scale: str = "tiny", 
                     qtype, q, a = by_lang[lang][pick]
                     vqa_rows.append({"conversations": _chat(q, a), "image": image, "answer": a, "lang": lang,
                                      "type": qtype, "unseen_combo": scene.unseen_combo, "kind": kind})
-    pair_rows = []  # pair scenes, every object asked about: their own stream, their rows last
-    rng = random.Random(f"scenes-{seed}-pairs")
-    if images and pair_images:
-        (out / "images" / "pairs").mkdir(parents=True, exist_ok=True)
-    for i in range(pair_images):
-        scene, image = sample_scene(rng, "train", "pair"), f"pairs/{i:06d}.png"
-        if images:
-            to_render.append((scene, out / "images" / image))
-        for o in scene.objects:
-            for lang in ("en", "zh"):
-                for qtype, q, a in questions(scene, rng, lang, about=o, keyed=keyed):
-                    pair_rows.append({"conversations": _chat(q, a), "image": image, "type": qtype, "lang": lang})
-    chart_rows = []  # bar charts asked which bar is the tallest and the shortest: their own stream, rows last
-    rng = random.Random(f"scenes-{seed}-charts")
-    if images and chart_images:
-        (out / "images" / "charts").mkdir(parents=True, exist_ok=True)
-    for i in range(chart_images):
-        scene, image = sample_scene(rng, "train", "chart"), f"charts/{i:06d}.png"
-        if images:
-            to_render.append((scene, out / "images" / image))
-        for lang in ("en", "zh"):
-            for qtype, q, a in chart_superlatives(scene, lang):
-                chart_rows.append({"conversations": _chat(q, a), "image": image, "type": qtype, "lang": lang})
+    # Extra SFT scenes, each kind from its own stream: pair scenes with every object asked about, bar
+    # charts asked for the tallest and the shortest bar.
+    pair_rows = _extra_scenes("pair", pair_images, seed, out, images, to_render, lambda scene, rng: [
+        (*qa, lang) for o in scene.objects for lang in ("en", "zh")
+        for qa in questions(scene, rng, lang, about=o, keyed=keyed)])
+    chart_rows = _extra_scenes("chart", chart_images, seed, out, images, to_render, lambda scene, rng: [
+        (*qa, lang) for lang in ("en", "zh") for qa in chart_superlatives(scene, lang)])
     _render_all(to_render, spec["size"])
     rng = random.Random(f"scenes-{seed}-shuffle")
     rng.shuffle(sft_rows)
     rng.shuffle(pre_rows)
     random.Random(f"scenes-{seed}-shuffle-sft").shuffle(more_rows)
-    random.Random(f"scenes-{seed}-shuffle-pairs").shuffle(pair_rows)
-    random.Random(f"scenes-{seed}-shuffle-charts").shuffle(chart_rows)
     sft_rows += more_rows + pair_rows + chart_rows  # after the train rows (training samples rows in random order anyway)
     _write_jsonl(out / "clip_pretrain.jsonl", clip_rows)
     _write_jsonl(out / "vlm_pretrain.jsonl", pre_rows)
@@ -517,6 +499,23 @@ def write_scene_splits(out_dir: str | Path, seed: int = 0, scale: str = "tiny", 
     if images:  # written last: proves that every image is on disk (the pipeline's marker)
         (out / "images" / "rendered.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
+
+
+def _extra_scenes(kind: str, count: int, seed: int, out: Path, images: bool,
+                  to_render: list[tuple[Scene, Path]], ask) -> list[dict]:
+    """`count` training scenes of `kind` in `images/<kind>s/` and their SFT rows, shuffled: `ask(scene, rng)`
+    lists each scene's (type, question, answer, lang)."""
+    rng, rows = random.Random(f"scenes-{seed}-{kind}s"), []
+    if images and count:
+        (out / "images" / f"{kind}s").mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        scene, image = sample_scene(rng, "train", kind), f"{kind}s/{i:06d}.png"
+        if images:
+            to_render.append((scene, out / "images" / image))
+        rows += [{"conversations": _chat(q, a), "image": image, "type": qtype, "lang": lang}
+                 for qtype, q, a, lang in ask(scene, rng)]
+    random.Random(f"scenes-{seed}-shuffle-{kind}s").shuffle(rows)
+    return rows
 
 
 def _render_batch(jobs: list[tuple[Scene, Path]], size: int) -> None:
