@@ -86,7 +86,8 @@ HELD_OUT_PAIRS = frozenset({("red", "triangle"), ("green", "star"), ("blue", "ci
 # with both gave VQA 0.818, two-object questions 0.57 (seed 42, runs/keyed42).
 # `charts` adds bar charts for VLM SFT asked for the tallest and the shortest bar, their rows last:
 # the VLM named the shortest bar in 11 of 32 held-out questions with the charts of the mixed splits
-# (and 0.19 of its own training charts), 26 of 32 with 6000 more (docs/experiments.md).
+# (and 0.19 of its own training charts), 26-29 of 32 with 6000 more; VQA over VLM SFT seeds 42 / 1 / 2
+# 0.818 / 0.807 / 0.823 -> 0.848 / 0.818 / 0.858, two-object questions 3-9 of 120 lower (docs/experiments.md).
 SCALES = {
     "micro": dict(train=48, eval=30, size=64, clip=24, keyed=True, pairs=8, charts=8),
     "tiny": dict(train=9000, eval=300, size=64, clip=20000, sft=27000, keyed=True, pairs=8000, charts=6000),
