@@ -31,6 +31,7 @@ import json
 import os
 import random
 import re
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,7 +87,7 @@ HELD_OUT_PAIRS = frozenset({("red", "triangle"), ("green", "star"), ("blue", "ci
 # with both gave VQA 0.818, two-object questions 0.57 (seed 42, runs/keyed42).
 # `charts` adds bar charts for VLM SFT asked for the tallest and the shortest bar, their rows last:
 # the VLM named the shortest bar in 11 of 32 held-out questions with the charts of the mixed splits
-# (and 0.19 of its own training charts), 26-29 of 32 with 6000 more; VQA over VLM SFT seeds 42 / 1 / 2
+# (an earlier VLM: 0.19 of its own training charts), 26-29 of 32 with 6000 more; VQA over VLM SFT seeds 42 / 1 / 2
 # 0.818 / 0.807 / 0.823 -> 0.848 / 0.818 / 0.858, two-object questions 3-9 of 120 lower (docs/experiments.md).
 SCALES = {
     "micro": dict(train=48, eval=30, size=64, clip=24, keyed=True, pairs=8, charts=8),
@@ -503,7 +504,8 @@ def write_scene_splits(out_dir: str | Path, seed: int = 0, scale: str = "tiny", 
 
 
 def _extra_scenes(kind: str, count: int, seed: int, out: Path, images: bool,
-                  to_render: list[tuple[Scene, Path]], ask) -> list[dict]:
+                  to_render: list[tuple[Scene, Path]],
+                  ask: Callable[[Scene, random.Random], list[tuple[str, str, str, str]]]) -> list[dict]:
     """`count` training scenes of `kind` in `images/<kind>s/` and their SFT rows, shuffled: `ask(scene, rng)`
     lists each scene's (type, question, answer, lang)."""
     rng, rows = random.Random(f"scenes-{seed}-{kind}s"), []
