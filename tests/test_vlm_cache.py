@@ -54,6 +54,20 @@ def test_reuse_across_instances_without_encoder(encoder, photos, tmp_path):
     assert again.ensure([copy]) == [keys[2]]
 
 
+def test_a_file_rewritten_in_place_gets_its_new_content_s_features(encoder, photos, tmp_path):
+    """Keys of files are remembered between calls, but only while the file's mtime and size hold."""
+    cache = FeatureCache(tmp_path / "cache", encoder)
+    target = tmp_path / "edited.png"
+    target.write_bytes(photos[0].read_bytes())
+    assert cache.ensure([target, photos[1]]) == [image_key(photos[0]), image_key(photos[1])]
+    Image.open(photos[3]).resize((30, 30)).save(target)  # another picture under the same name
+    new_key = image_key(target)
+    assert new_key != image_key(photos[0])
+    assert cache.ensure([target]) == [new_key]
+    direct = encoder(encoder.preprocess(load_image(target))[None])
+    assert torch.allclose(cache.get([new_key]).float(), direct, rtol=2e-3, atol=2e-3)
+
+
 def test_changed_encoder_never_reuses_stale_features(encoder, photos, tmp_path):
     cache = FeatureCache(tmp_path / "cache", encoder)
     cache.ensure(photos)
