@@ -253,7 +253,7 @@ class Trainer:
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         """The data order of `epoch`, a function of the seed and the epoch only (so `--resume` replays
-        it), drawn once per epoch: a fresh randperm every step cost 2 ms of a 100 ms VLM SFT step."""
+        it), drawn once per epoch: a fresh randperm every step cost 1.4 ms of a 100 ms VLM SFT step."""
         if self._order_epoch != epoch:
             generator = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
             self._order, self._order_epoch = torch.randperm(len(self.dataset), generator=generator), epoch
