@@ -11,7 +11,9 @@ AdamW) of `minimind-clip-tiny` with the stage's symmetric contrastive loss:
   caption first (`encode_text_trimmed`; same features, tested);
 - on a CPU with bf16 kernels (AVX512-BF16/AMX, what `--dtype fast` checks), also `trimmed` under bf16
   autocast twice: `bf16_flash` (PyTorch's default attention kernel) and `bf16_math` (the Trainer's
-  `forward_context`, which picks the math kernel under bf16 on a CPU).
+  `forward_context`, which picks the math kernel under bf16 on a CPU), and `bf16_math_patch_dropout`:
+  `bf16_math` with half of the image patches dropped at random in the vision tower's forward
+  (FLIP; `training.pretrain_clip --patch-dropout 0.5`, the `tiny` preset).
 Contenders take turns (order rotates each round); each reports its median ms per step, and a
 speedup is the median of per-round ratios. Prints one JSON object.
 """
@@ -27,6 +29,7 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import PatchDropout
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from data.scenes import caption, sample_scene
@@ -62,6 +65,14 @@ def bf16_math_loss(model, batch: dict) -> torch.Tensor:
         return ours_loss(model, batch)
 
 
+def bf16_math_patch_dropout_loss(model, batch: dict) -> torch.Tensor:
+    model.visual.patch_dropout = PatchDropout(0.5)  # no weights: switching it on for one forward is exact
+    try:
+        return bf16_math_loss(model, batch)
+    finally:
+        model.visual.patch_dropout = torch.nn.Identity()
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=6)
@@ -85,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     contenders = {"open_clip": open_clip_loss, "trimmed": ours_loss}
     if cpu_has_bf16_kernels():
-        contenders.update(bf16_flash=bf16_flash_loss, bf16_math=bf16_math_loss)
+        contenders.update(bf16_flash=bf16_flash_loss, bf16_math=bf16_math_loss,
+                          bf16_math_patch_dropout=bf16_math_patch_dropout_loss)
     for fn in contenders.values():
         ms_per_step(model, opt, batches, fn)  # warm-up
     ms = take_turns({k: (lambda fn=fn: ms_per_step(model, opt, batches, fn)) for k, fn in contenders.items()},
@@ -100,6 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
             statistics.median(f / m for f, m in zip(ms["bf16_flash"], ms["bf16_math"])), 2)
         report["speedup_bf16_math_vs_trimmed_fp32"] = round(
             statistics.median(t / m for t, m in zip(ms["trimmed"], ms["bf16_math"])), 2)
+        report["speedup_patch_dropout_vs_bf16_math"] = round(
+            statistics.median(m / d for m, d in zip(ms["bf16_math"], ms["bf16_math_patch_dropout"])), 2)
     print(json.dumps(report, indent=1))
     return report
 

@@ -210,6 +210,39 @@ def test_pretrain_clip_stage_end_to_end(tmp_path):
     assert summary["retrieval"]["zh"]["n"] == 20
 
 
+def test_patch_dropout_thins_the_training_forwards_only(tmp_path, monkeypatch):
+    import training.pretrain_clip as stage
+    from data.scenes import write_scene_splits
+    from open_clip.transformer import PatchDropout
+
+    kept = []  # tokens left after each forward's dropout: class token + the patches kept
+
+    class RecordingDropout(PatchDropout):
+        def forward(self, x):
+            out = super().forward(x)
+            kept.append((x.shape[1], out.shape[1], self.training))
+            return out
+
+    monkeypatch.setattr(stage, "PatchDropout", RecordingDropout)
+    write_scene_splits(tmp_path / "scenes", seed=0, scale="micro")
+    out = tmp_path / "clip"
+    stage.main(["--data", str(tmp_path / "scenes"), "--out", str(out), "--preset", "micro", "--max-steps", "2",
+                "--batch-size", "8", "--eval-n", "0", "--patch-dropout", "0.5"])
+    # micro: 4x4 patches + the class token; half of the 16 patches dropped in every training step
+    assert kept == [(17, 9, True)] * 2
+    kept.clear()  # with an unmasked tail, the last half of 4 steps sees every patch
+    stage.main(["--data", str(tmp_path / "scenes"), "--out", str(tmp_path / "tail"), "--preset", "micro",
+                "--max-steps", "4", "--batch-size", "8", "--eval-n", "0", "--patch-dropout", "0.5",
+                "--unmasked-tail", "0.5"])
+    assert kept == [(17, 9, True)] * 2
+    assert "patch_dropout" not in (out / "open_clip_config.json").read_text()
+    encoder = VisionEncoder.from_open_clip(pretrained=str(out))
+    assert encoder.num_patches == 16
+    with pytest.raises(SystemExit, match="region"):
+        stage.main(["--data", str(tmp_path / "scenes"), "--out", str(tmp_path / "x"), "--preset", "micro",
+                    "--patch-dropout", "0.5", "--region-weight", "1"])
+
+
 def test_grey_copies_are_grey_and_say_no_colour(tmp_path):
     from data.scenes import COLOURS, write_scene_splits
     from training.pretrain_clip import CaptionPairs
