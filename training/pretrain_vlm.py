@@ -77,7 +77,7 @@ STAGES = {  # per stage: default data file, freeze policy, and per-preset Traine
                  # on runs/full_c25's pretrained VLM, 0.847 at 7000 (16000 pair scenes: 0.802 / 0.812 at 4500 / 7000).
                  # lr 5e-4 since 2026-12-07 (runs/ch42's data, from its pretrained VLM): VQA at seeds 42 / 1 / 2 0.870 /
                  # 0.843 / 0.852 against 0.848 / 0.818 / 0.858 at 1e-3 (mean 0.855 vs 0.842; counting 112 / 112 / 108 of
-                 # 120 against 102 / 93 / 108); 2e-3 gave 0.732 at seed 42.
+                 # 120 against 102 / 93 / 108); 2e-3 gave 0.732 at seed 42, 3e-4 0.828 / 0.855 / 0.857 (mean 0.847).
                  "tiny": dict(max_steps=7000, batch_size=16, lr=5e-4, warmup_steps=40, ema_decay=0.998, dtype="fast"),
                  "small": dict(epochs=2, batch_size=32, lr=3e-4, warmup_steps=100)}),
 }
