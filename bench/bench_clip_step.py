@@ -13,7 +13,7 @@ AdamW) of `minimind-clip-tiny` with the stage's symmetric contrastive loss:
   autocast twice: `bf16_flash` (PyTorch's default attention kernel) and `bf16_math` (the Trainer's
   `forward_context`, which picks the math kernel under bf16 on a CPU), and `bf16_math_patch_dropout`:
   `bf16_math` with half of the image patches dropped at random in the vision tower's forward
-  (FLIP; `training.pretrain_clip --patch-dropout 0.5`, the `tiny` preset).
+  (FLIP; `training.pretrain_clip --patch-dropout 0.5`, off in the presets).
 Contenders take turns (order rotates each round); each reports its median ms per step, and a
 speedup is the median of per-round ratios. Prints one JSON object.
 """

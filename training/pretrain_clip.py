@@ -38,6 +38,7 @@ import logging
 import random
 import sys
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import open_clip
@@ -259,7 +260,7 @@ class DropoutUntil(torch.nn.Module):
     condition reads the Trainer's step, which `--resume` restores, so a resumed run switches at the
     same step."""
 
-    def __init__(self, dropout: torch.nn.Module, active):
+    def __init__(self, dropout: torch.nn.Module, active: Callable[[], bool]):
         super().__init__()
         self.dropout, self.active = dropout, active
 
