@@ -241,6 +241,9 @@ def test_patch_dropout_thins_the_training_forwards_only(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="region"):
         stage.main(["--data", str(tmp_path / "scenes"), "--out", str(tmp_path / "x"), "--preset", "micro",
                     "--patch-dropout", "0.5", "--region-weight", "1"])
+    with pytest.raises(SystemExit, match="needs --patch-dropout"):
+        stage.main(["--data", str(tmp_path / "scenes"), "--out", str(tmp_path / "x"), "--preset", "micro",
+                    "--unmasked-tail", "0.5"])
 
 
 def test_grey_copies_are_grey_and_say_no_colour(tmp_path):

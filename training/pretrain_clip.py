@@ -363,6 +363,8 @@ def main(argv: list[str] | None = None) -> dict:
         model.visual.patch_dropout = PatchDropout(args.patch_dropout)
     if not 0 <= args.unmasked_tail <= 1:
         raise SystemExit(f"--unmasked-tail {args.unmasked_tail}: must be in [0, 1]")
+    if args.unmasked_tail > 0 and args.patch_dropout == 0:
+        raise SystemExit("--unmasked-tail needs --patch-dropout: without it every step already sees every patch")
     if args.region_weight > 0:
         model.visual.output_tokens = True  # forward returns (pooled, patch tokens): the region loss reads the tokens
     # open_clip's eval transform, also for training: random crops or flips would change the
