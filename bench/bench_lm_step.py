@@ -9,7 +9,10 @@ Writes a `tiny` synthetic world and its tokenizer to a temporary folder (or read
   (logits for every position, padding included);
 - `packed256_full_logits`: documents packed into rows of 256 (our `pack_collate`), logits everywhere;
 - `packed256`: the same rows, `causal_lm_loss` (LM head on supervised positions only);
-- `packed128`: rows of 128 (`--pack-len 128`, the `tiny` preset), `causal_lm_loss`;
+- `packed128_all_positions`: rows of 128, every position through every layer, the LM head on the
+  supervised ones only (our loss before the last layer learnt to skip the rest);
+- `packed128`: rows of 128 (`--pack-len 128`, the `tiny` preset), `causal_lm_loss`: the last decoder
+  layer runs at the supervised positions only (`keep`);
 - `packed128_compiled`: the same with the decoder layers compiled (`--compile`, `Trainer.compile_blocks`);
 - `packed128_compiled_bf16`: and under bf16 autocast (`--dtype bf16`; fast only on CPUs with AVX512-BF16/AMX).
 Contenders take turns (order rotates each round); each reports its median ms per step, and ratios
@@ -29,7 +32,7 @@ import torch
 
 from data.collate import pack_collate, pad_collate
 from data.datasets import PretrainDataset, SFTDataset
-from training.lm_stage import causal_lm_loss
+from training.lm_stage import causal_lm_loss, supervised_head_loss
 from training.presets import PRESETS
 from training.trainer import compile_blocks
 from vlm import MiniMindConfig, MiniMindForCausalLM
@@ -48,6 +51,12 @@ def full_logits_loss(model, batch: dict) -> torch.Tensor:
 
 def ours_loss(model, batch: dict) -> torch.Tensor:
     out = causal_lm_loss(model, batch)
+    return out.loss_sum / out.count
+
+
+def all_positions_loss(model, batch: dict) -> torch.Tensor:
+    hidden, _, aux = model.model(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+    out = supervised_head_loss(model, hidden, batch["labels"], aux)
     return out.loss_sum / out.count
 
 
@@ -88,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
         "hf_padded": (pad_collate, full_logits_loss, False),
         "packed256_full_logits": (lambda b: pack_collate(b, max_len), full_logits_loss, False),
         "packed256": (lambda b: pack_collate(b, max_len), ours_loss, False),
+        "packed128_all_positions": (lambda b: pack_collate(b, max_len, row_len=128), all_positions_loss, False),
         "packed128": (lambda b: pack_collate(b, max_len, row_len=128), ours_loss, False),
         "packed128_compiled": (lambda b: pack_collate(b, max_len, row_len=128), ours_loss, True),
         "packed128_compiled_bf16": (lambda b: pack_collate(b, max_len, row_len=128), bf16_loss, True),
@@ -117,6 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
             "tokens_per_step": {k: round(sum(b["input_ids"].numel() for b in batches[k]) / len(groups), 1) for k in names},
             "speedup_vs_hf_padded": {k: round(statistics.median(h / o for h, o in zip(ms["hf_padded"], ms[k])), 2)
                                      for k in names[1:]},
+            "speedup_packed128_vs_all_positions": round(statistics.median(
+                a / o for a, o in zip(ms["packed128_all_positions"], ms["packed128"])), 2),
         }
     print(json.dumps(report, indent=1))
     return report

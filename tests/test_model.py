@@ -279,3 +279,39 @@ def test_lm_loss_on_supervised_positions_equals_full_logits_loss():
         results.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])))
     assert abs(results[0][0] - results[1][0]) < 1e-12
     assert torch.allclose(results[0][1], results[1][1], atol=1e-12)
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_last_layer_runs_only_where_the_loss_reads(moe):
+    """`causal_lm_loss` passes the supervised positions as `keep`: the last layer's feed-forward sees
+    only those rows (every row in a MoE model, whose balance loss counts all tokens), the first layer
+    every row, and loss and gradients equal a full forward's."""
+    from training.lm_stage import causal_lm_loss, supervised_head_loss
+
+    model = tiny(moe=moe, dropout=0.0).double().train()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, VOCAB, (3, 16), generator=g)
+    labels = ids.clone()
+    labels[:, :10] = -100
+    labels[1, 12:] = -100
+    rows = {}
+
+    def count_rows(i: int):
+        def hook(module, args, output) -> None:
+            rows[i] = args[0].numel() // args[0].shape[-1]
+        return hook
+    hooks = [model.model.layers[i].post_attention_layernorm.register_forward_hook(count_rows(i)) for i in (0, -1)]
+    out = causal_lm_loss(model, {"input_ids": ids, "labels": labels})
+    for h in hooks:
+        h.remove()
+    supervised = int((labels[:, 1:] != -100).sum())
+    assert rows[0] == ids.numel() and rows[-1] == (ids.numel() if moe else supervised)
+    out.loss_sum.backward()
+    kept = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    hidden, _, aux = model.model(ids)
+    full = supervised_head_loss(model, hidden, labels, aux)
+    full.loss_sum.backward()
+    assert abs(out.loss_sum.item() - full.loss_sum.item()) < 1e-10 and out.count == full.count == supervised
+    for a, p in zip(kept, model.parameters()):
+        assert torch.allclose(a, p.grad, atol=1e-12)

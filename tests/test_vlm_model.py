@@ -396,3 +396,39 @@ def test_image_readout_starts_closed_reads_images_and_decodes_like_a_full_forwar
         assert torch.equal(loaded(**batch).logits, logits)
     with pytest.raises(ValueError, match="cross_attention_layers"):
         MiniMindVLM.from_lm(lm, encoder, cross_attention_layers=[3])
+
+
+@pytest.mark.parametrize("readout", [(), (2, 0)])
+def test_vlm_loss_runs_the_last_layer_only_where_the_answer_is(tokenizer, readout):
+    """The VLM stages' loss passes the supervised positions as `keep`: the last layer's feed-forward
+    sees only the answer rows, and the loss and the trainable gradients equal a full forward's, with
+    an image read-out after the last layer too."""
+    from training.lm_stage import supervised_head_loss
+    from training.pretrain_vlm import vlm_loss
+
+    model = MiniMindVLM.from_lm(tiny_lm(len(tokenizer)), VisionEncoder.from_open_clip("minimind-clip-micro"),
+                                cross_attention_layers=list(readout)).train()
+    for block in model.image_readout.values():
+        block.o_proj.weight.data.normal_(0.0, 0.1)
+    proc = VLMProcessor.from_config(model.config, tokenizer)
+    batch = dict(proc(messages=[[{"role": "user", "content": "<image> colour?"}],
+                                [{"role": "user", "content": "just some text, a longer row"}]],
+                      images=[[image(1)], []]))
+    labels = batch["input_ids"].clone()
+    labels[:, :-3] = -100
+    batch["labels"] = labels
+    rows = []
+    hook = model.model.layers[-1].mlp.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    out = vlm_loss(model, batch)
+    hook.remove()
+    assert rows == [2 * 3]  # [N, hidden]: the last three tokens of each row are predicted
+    out.loss_sum.backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    kept = [p.grad.clone() for p in trainable]
+    model.zero_grad()
+    hidden, aux = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    full = supervised_head_loss(model, hidden, labels, aux)
+    full.loss_sum.backward()
+    assert abs(out.loss_sum.item() - full.loss_sum.item()) < 1e-5 and out.count == full.count == 6
+    for a, p in zip(kept, trainable):
+        assert torch.allclose(a, p.grad, atol=1e-6)

@@ -16,7 +16,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from training.lm_stage import supervised_logits
+from training.lm_stage import supervised_logits, supervised_positions
 from training.trainer import LossOutput, Trainer
 from vlm import MiniMindConfig, MiniMindForCausalLM
 
@@ -51,14 +51,15 @@ def make_kd_loss(teacher: MiniMindForCausalLM | None, alpha: float, temperature:
     packed batch's `position_ids` keep its samples apart in student and teacher alike."""
     def loss_fn(model, batch: dict) -> LossOutput:
         ids, mask, pos = batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids")
-        hidden, _, aux = model.model(ids, mask, pos)
+        keep = supervised_positions(batch["labels"])
+        hidden, _, aux = model.model(ids, mask, pos, keep=keep)
         logits, targets = supervised_logits(model, hidden, batch["labels"])
         t_logits = None
         if teacher is not None and alpha < 1.0:
             if next(teacher.parameters()).device != ids.device:
                 teacher.to(ids.device)
             with torch.no_grad():
-                t_logits = supervised_logits(teacher, teacher.model(ids, mask, pos)[0], batch["labels"])[0]
+                t_logits = supervised_logits(teacher, teacher.model(ids, mask, pos, keep=keep)[0], batch["labels"])[0]
         loss, ce, kl, n = kd_loss_terms(logits, t_logits, targets, alpha, temperature, reverse)
         return LossOutput(loss_sum=loss, count=n, aux=aux,
                           metrics={"ce": ce.item() / max(n, 1), "kl": kl.item() / max(n, 1)})

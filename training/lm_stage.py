@@ -26,8 +26,16 @@ def causal_lm_loss(model, batch: dict) -> LossOutput:
     """Summed next-token cross-entropy over supervised (label != -100) positions, plus the MoE aux loss.
 
     `model` is a `MiniMindForCausalLM` (its `.model` body and `.lm_head` are called apart)."""
-    hidden, _, aux = model.model(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+    hidden, _, aux = model.model(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"),
+                                 keep=supervised_positions(batch["labels"]))
     return supervised_head_loss(model, hidden, batch["labels"], aux)
+
+
+def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
+    """`[B, T]` bool: the positions whose hidden state predicts a supervised token (label != -100 one
+    step later), the body's `keep`: the last decoder layer runs only there, which leaves the states that
+    `supervised_logits` reads exact."""
+    return F.pad(labels[:, 1:] != -100, (0, 1))
 
 
 def supervised_head_loss(model, hidden: torch.Tensor, labels: torch.Tensor, aux=None) -> LossOutput:

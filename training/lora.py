@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
+from training.lm_stage import supervised_positions
 from training.trainer import LossOutput, Trainer
 from vlm import MiniMindForCausalLM
 from vlm.lora import (LoRAConfig, add_lora, count_parameters, load_adapter, lora_trainable, merge_and_unload,
@@ -89,7 +90,8 @@ def replay_kl_loss(adapter_name: str = "default"):
     def loss(model, batch: dict) -> LossOutput:
         ids, mask, pos = batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids")
         replay = batch["replay"].bool()
-        hidden, _, aux = model.model(ids, mask, pos)
+        positions = supervised_positions(batch["labels"])
+        hidden, _, aux = model.model(ids, mask, pos, keep=positions)
         labels = batch["labels"][:, 1:]
         keep = labels != -100
         logits = model.lm_head(hidden[:, :-1][keep]).float()
@@ -101,7 +103,7 @@ def replay_kl_loss(adapter_name: str = "default"):
                 set_active_adapter(model, None)
                 try:
                     rows = lambda t: None if t is None else t[replay]
-                    base_hidden, _, _ = model.model(ids[replay], rows(mask), rows(pos))
+                    base_hidden, _, _ = model.model(ids[replay], rows(mask), rows(pos), keep=positions[replay])
                     base_logp = F.log_softmax(model.lm_head(base_hidden[:, :-1][keep[replay]]).float(), -1)
                 finally:
                     set_active_adapter(model, adapter_name)

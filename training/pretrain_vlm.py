@@ -31,7 +31,7 @@ from transformers import AutoConfig
 
 from data.vlm_datasets import VLMDataset, open_source, vlm_collate
 from training.cli import add_common_args, config_from_args
-from training.lm_stage import resolve_data_file, supervised_head_loss
+from training.lm_stage import resolve_data_file, supervised_head_loss, supervised_positions
 from training.freeze import POLICIES, apply_freeze, trainable_predicate
 from training.trainer import LossOutput, Trainer
 from vlm import MiniMindForCausalLM
@@ -90,7 +90,7 @@ def vlm_loss(model, batch: dict) -> LossOutput:
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values", "image_features")
               if batch.get(k) is not None}
     hidden, aux = model.hidden_states(inputs["input_ids"], inputs.get("attention_mask"), inputs.get("pixel_values"),
-                                      inputs.get("image_features"))
+                                      inputs.get("image_features"), keep=supervised_positions(batch["labels"]).to(device))
     out = supervised_head_loss(model, hidden, batch["labels"], aux)
     out.metrics = {"images": float(len(inputs.get("image_features", inputs.get("pixel_values", ()))))}
     return out

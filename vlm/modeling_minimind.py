@@ -159,7 +159,9 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, mask, cache=None):
+    def forward(self, x, cos, sin, mask, cache=None, keep=None):
+        """`keep` ([B, T] bool, optional): return only those positions' outputs, `[N, hidden]`; every
+        position still gives its keys and values."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
@@ -168,7 +170,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         out = attention(q, k, v, mask, self.dropout if self.training else 0.0, is_causal=mask is None and t > 1)
-        return self.resid_dropout(self.o_proj(out.transpose(1, 2).reshape(b, t, -1)))
+        out = out.transpose(1, 2).reshape(b, t, -1)
+        return self.resid_dropout(self.o_proj(out if keep is None else out[keep]))
 
 
 class FeedForward(nn.Module):
@@ -229,8 +232,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoEFeedForward(config) if config.use_moe else FeedForward(config)
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache=None, keep=None):
+        """`keep` ([B, T] bool, optional): compute the layer's output at those positions only, returned
+        flattened `[N, hidden]` (see `MiniMindModel.forward`)."""
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, keep)
+        x = (x if keep is None else x[keep]) + h
         h = self.mlp(self.post_attention_layernorm(x))
         if isinstance(h, tuple):
             h, aux = h
@@ -344,10 +350,17 @@ class MiniMindModel(MiniMindPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, bidirectional_blocks: torch.Tensor | None = None,
-                cross_attention=None):
+                cross_attention=None, keep: torch.Tensor | None = None):
         """`cross_attention(layer_idx, x, start) -> x`, if given, runs on the residual stream before each
         decoder layer and once more after the last (layer_idx = num_hidden_layers); `start` is the
-        sequence index of x's first position. It is the VLM's image read-out."""
+        sequence index of x's first position. It is the VLM's image read-out.
+
+        `keep` ([B, T] bool, optional): the positions whose hidden states the caller reads (a training
+        loss: the supervised ones). The last layer then runs its attention output, o_proj and
+        feed-forward at those positions only and the others come back as zeros: the kept positions'
+        states are exact, since nothing after the last layer's attention mixes positions. An SFT or VQA
+        batch supervises a quarter of its tokens or fewer, so this skips most of a layer. Ignored for
+        MoE layers, whose balance loss counts every token."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -369,10 +382,18 @@ class MiniMindModel(MiniMindPreTrainedModel):
         mask = self.attention_mask_4d(attention_mask, t, past, x.device, documents, bidirectional_blocks)
         x = self.dropout(x)
         aux_total = None
+        if keep is not None and (self.config.use_moe or bool(keep.all())):
+            keep = None
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             if cross_attention is not None:
                 x = cross_attention(i, x, past)
-            x, aux = layer(x, cos, sin, mask, past_key_values)
+            rows, aux = layer(x, cos, sin, mask, past_key_values, keep if i == last else None)
+            if keep is not None and i == last:
+                x = rows.new_zeros(x.shape)
+                x[keep] = rows
+            else:
+                x = rows
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
         if cross_attention is not None:

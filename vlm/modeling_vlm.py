@@ -149,13 +149,16 @@ class MiniMindVLM(MiniMindForCausalLM):
         return ImageMemory.from_slots(embeds, input_ids == self.config.image_token_id, attention_mask)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None):
+                      pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
+                      keep: torch.Tensor | None = None):
         """`(final hidden states [B, T, hidden], MoE aux loss)` of a prompt with its images: what
-        the training losses read, without computing every position's logits."""
+        the training losses read, without computing every position's logits. `keep` ([B, T] bool): only
+        those positions' states are needed (`MiniMindModel.forward`); the others come back as zeros."""
         embeds = self.embed_inputs(input_ids, pixel_values, image_features)
         readout = readout_hook(self.image_readout, self.image_memory(input_ids, embeds, attention_mask))
         hidden, _, aux = self.model(attention_mask=attention_mask, inputs_embeds=embeds,
-                                    bidirectional_blocks=self.image_blocks(input_ids), cross_attention=readout)
+                                    bidirectional_blocks=self.image_blocks(input_ids), cross_attention=readout,
+                                    keep=keep)
         return hidden, aux
 
     def image_blocks(self, input_ids: torch.Tensor) -> torch.Tensor | None:
