@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,16 +26,16 @@ from pathlib import Path
 import torch
 
 import vlm
-from data.scenes import write_scene_splits
 from data.vlm_datasets import VLMDataset, open_source, vlm_collate
 from training.freeze import apply_freeze
 from training.presets import get_preset
 from training.pretrain_vlm import vlm_loss
-from training.train_tokenizer import main as train_tokenizer
 from vlm.feature_cache import FeatureCache
 from vlm.modeling_vlm import MiniMindVLM
-from vlm.tokenizer import load_tokenizer
 from vlm.vision import VisionEncoder
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_timing import micro_scene_world  # noqa: E402
 
 
 def step(model, optimizer, dataset, indices) -> tuple[float, int]:
@@ -60,9 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        write_scene_splits(root / "world", seed=0, scale="micro")
-        train_tokenizer(["--data", str(root / "world"), "--out", str(root / "tok"), "--vocab-size", "600"])
-        tok = load_tokenizer(root / "tok")
+        tok = micro_scene_world(root, 600)
         torch.manual_seed(0)
         lm = vlm.MiniMindForCausalLM(vlm.MiniMindConfig(vocab_size=len(tok), **get_preset(args.preset)["model"]))
         model = MiniMindVLM.from_lm(lm, VisionEncoder.from_open_clip(args.vision))

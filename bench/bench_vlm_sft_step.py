@@ -31,22 +31,19 @@ from pathlib import Path
 import torch
 
 import vlm
-from data.scenes import write_scene_splits
 from data.vlm_datasets import VLMDataset, open_source, vlm_collate
 from training.freeze import apply_freeze
 from training.lm_stage import supervised_head_loss
 from training.presets import get_preset
 from training.pretrain_vlm import TEXT_BUDGET, vlm_loss
-from training.train_tokenizer import main as train_tokenizer
 from training.trainer import forward_context
 from vlm.feature_cache import FeatureCache
 from vlm.modeling_minimind import cpu_has_bf16_kernels
 from vlm.modeling_vlm import MiniMindVLM
-from vlm.tokenizer import load_tokenizer
 from vlm.vision import VisionEncoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_timing import ms_per_step, take_turns  # noqa: E402
+from step_timing import micro_scene_world, ms_per_step, take_turns  # noqa: E402
 
 
 def all_positions_loss(model, batch: dict) -> torch.Tensor:
@@ -75,9 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        write_scene_splits(root / "world", seed=0, scale="micro")
-        train_tokenizer(["--data", str(root / "world"), "--out", str(root / "tok"), "--vocab-size", "2048"])
-        tok = load_tokenizer(root / "tok")
+        tok = micro_scene_world(root, 2048)
         torch.manual_seed(0)
         lm = vlm.MiniMindForCausalLM(vlm.MiniMindConfig(vocab_size=len(tok), **get_preset("tiny")["model"]))
         model = MiniMindVLM.from_lm(lm, VisionEncoder.from_open_clip("minimind-clip-tiny"))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -27,3 +28,15 @@ def take_turns(runs: dict[str, Callable[[], float]], rounds: int) -> dict[str, l
         for k in names[r % len(names):] + names[:r % len(names)]:
             ms[k].append(runs[k]())
     return ms
+
+
+def micro_scene_world(root: Path, vocab_size: int):
+    """Write `data.scenes`' micro-scale scenes to `root/world` and train a tokenizer on them
+    (`root/tok`); returns the tokenizer. The VLM benches' data."""
+    from data.scenes import write_scene_splits
+    from training.train_tokenizer import main as train_tokenizer
+    from vlm.tokenizer import load_tokenizer
+
+    write_scene_splits(root / "world", seed=0, scale="micro")
+    train_tokenizer(["--data", str(root / "world"), "--out", str(root / "tok"), "--vocab-size", str(vocab_size)])
+    return load_tokenizer(root / "tok")
