@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 from data.synth.names import NameMaker
@@ -154,6 +155,31 @@ def passage_fact(rng: random.Random, lang: str) -> tuple[str, str, str]:
     head = "Passage: " if lang == "en" else "短文："
     sep = "\nQuestion: " if lang == "en" else "\n问题："
     return head + passage + sep + q, why, ans
+
+
+_PASSAGE_EN = re.compile(r"(\w+) lives in (\w+) and keeps (\d+) \w+\.")
+_PASSAGE_ZH = re.compile(r"([^：。，]+?)住在([^，]+)，养了(\d+)只[^。]+。")
+
+
+def question_kind(question: str, kind: str) -> str:
+    """The finer kind of a verifiable question: `arith.<n>op` (operations in the sum), or
+    `passage.place` / `passage.count` (the attribute a passage question asks for)."""
+    if kind == "arith":
+        expr = question.split("?")[0].split("？")[0]
+        return f"arith.{sum(expr.count(op) for op in '+-')}op"
+    asks_place = "Where does" in question or "住在哪里" in question
+    return f"passage.{'place' if asks_place else 'count'}"
+
+
+def passage_options(question: str) -> list[str]:
+    """The passage's values of the attribute a `passage_fact` question asks for (one per person, in
+    order): what a model that finds the right sentence picks from, and a guess picks at random."""
+    text = question.split("\n")[0]
+    rows = (_PASSAGE_EN if text.startswith("Passage: ") else _PASSAGE_ZH).findall(text)
+    if not rows:
+        raise ValueError(f"not a passage_fact question: {question[:60]!r}")
+    column = 1 if question_kind(question, "passage") == "passage.place" else 2
+    return [r[column] for r in rows]
 
 
 def reasoning_answer(reasoning: str, answer: str) -> str:

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data.synth_posttrain import SCALES, arithmetic, column_step, passage_fact, write_posttrain_splits
+from data.synth_posttrain import (SCALES, arithmetic, column_step, passage_fact, passage_options, question_kind,
+                                  write_posttrain_splits)
 from training.distill import kd_loss_terms, student_config
 from training.distill_reason import make_weighted_loss
 from training.grpo import group_advantages, grpo_objective
@@ -74,6 +75,59 @@ def test_generators_answer_correctly():
         assert why.endswith(f"so {ans}.") and int(ans) >= 0
         q, why, ans = passage_fact(rng, "zh")
         assert ans in q and ans in why
+
+
+def test_question_kinds_and_passage_options_read_the_generated_questions():
+    import random
+    rng = random.Random(1)
+    seen = set()
+    for lang in ("en", "zh") * 40:
+        q, why, ans = passage_fact(rng, lang)
+        options = passage_options(q)
+        kind = question_kind(q, "passage")
+        seen.add(kind)
+        assert len(options) == 3 and ans in options
+        # the asked person's own sentence (quoted by the trace) holds the answer among the options
+        assert (kind == "passage.place") == (not ans.isdigit())
+        q, why, ans = arithmetic(rng, lang)
+        assert question_kind(q, "arith") == f"arith.{why.count(', so ')}op"
+    assert seen == {"passage.place", "passage.count"}
+    with pytest.raises(ValueError, match="not a passage_fact question"):
+        passage_options("What is 2 + 3?")
+
+
+def _passage_item(people_values: list[str], asked: int) -> dict:
+    towns = ["Hesk", "Velo", "Sarn"]
+    passage = " ".join(f"{p} lives in {t} and keeps 3 hens." for p, t in zip(people_values, towns))
+    return {"messages": [{"role": "user", "content": f"Passage: {passage}\nQuestion: Where does {people_values[asked]} live?"}],
+            "answer": towns[asked], "kind": "passage"}
+
+
+def test_headroom_tells_a_lookup_from_lucky_picks():
+    from training.grpo_headroom import headroom_from_texts
+
+    def say(x: str) -> str:
+        return f"<think>...</think><answer>{x}</answer>"
+
+    items = [_passage_item(["Mira", "Tova", "Oren"], 0), _passage_item(["Mira", "Tova", "Oren"], 2),
+             {"messages": [{"role": "user", "content": "What is 8 + 7 - 3?"}], "answer": "12", "kind": "arith"}]
+    greedy = [say("Hesk"), say("Velo"), say("11")]
+    sampled = [say("Hesk"), say("Velo"), say("Sarn"),       # each option once: a guess's rate
+               say("Hesk"), say("Velo"), say("Nowhere"),    # two options (both wrong), one non-option
+               say("12"), say("13"), "12"]                  # one right; the unformatted "12" counts too
+    r = headroom_from_texts(items, greedy, sampled, k=3)
+    place, arith = r["kinds"]["passage.place"], r["kinds"]["arith.2op"]
+    assert place["n"] == 2 and place["greedy"] == 0.5 and place["guess"] == pytest.approx(1 / 3)
+    assert place["sampled"] == pytest.approx(1 / 6) and place["pass"] == 0.5
+    assert place["sampled_given_option"] == pytest.approx(1 / 5)  # 1 right of the 5 answers naming a town
+    assert place["no_lookup"] == 0.5  # the greedy rate beats the guess
+    assert arith["greedy"] == 0.0 and arith["sampled"] == pytest.approx(2 / 3) and arith["pass"] == 1.0
+    assert r["all"]["no_lookup"] == pytest.approx((2 * 0.5 + 1.0) / 3)
+    assert r["reward_greedy"] == pytest.approx((0.8 * 1 + 0.2 * 3) / 3)
+    assert r["reward_ceiling_no_lookup"] == pytest.approx(0.8 * 2 / 3 + 0.2)
+    assert r["gain_ceiling_pts"]["pass_at_k"] == pytest.approx(100 * (0.8 * 2 / 3 + 0.2 - (0.8 + 0.6) / 3))
+    with pytest.raises(ValueError, match="3 items need 3 greedy and 9 sampled"):
+        headroom_from_texts(items, greedy, sampled[:-1], k=3)
 
 
 def test_column_steps_hold_one_digit_facts_that_make_the_result():

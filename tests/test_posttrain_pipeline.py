@@ -105,3 +105,19 @@ def test_lora_cli_with_replay_kl_trains_the_adapter_against_the_base(run):
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     kl = [r["replay_kl"] for r in logged if "replay_kl" in r]
     assert kl and all(k >= 0 for k in kl) and kl[-1] > 0  # the adapter moved off the base on replayed rows
+
+
+def test_grpo_headroom_cli_measures_the_reasoning_model(run, tmp_path):
+    from training.grpo_headroom import main as headroom_main
+
+    root, _ = run
+    out = tmp_path / "headroom.json"
+    r = headroom_main(["--data", str(root / "world"), "--init", str(root / "post" / "reason"), "-k", "3",
+                       "--limit", "6", "--out", str(out)])
+    assert json.loads(out.read_text()) == r
+    assert sum(s["n"] for s in r["kinds"].values()) == r["all"]["n"] == 12  # 6 from each held-out file
+    for s in [*r["kinds"].values(), r["all"]]:
+        assert 0.0 <= s["sampled"] <= s["pass"] <= 1.0  # pass@k bounds the mean of the same k draws
+    assert r["reward_ceiling_pass_at_k"] == pytest.approx(0.8 * r["all"]["pass"] + 0.2)
+    with pytest.raises(SystemExit):
+        headroom_main(["--data", str(tmp_path), "--init", str(root / "post" / "reason")])
