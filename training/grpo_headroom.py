@@ -17,14 +17,13 @@ sample shows. So before (or instead of) an RL run, measure on the held-out verif
 Two ceilings of the greedy exact match follow: `pass@k` (every question some sample solves becomes
 right: the usual loose bound of sharpening) and `no_lookup` (the same for arithmetic, passage
 questions of each kind at the better of its greedy rate and `guess`: what is left if the lookup does
-not form). Each is
-also given as the GRPO reward, `(1 - w) * EM + w * format`, with every answer well formatted.
+not form). Each is also given as the GRPO reward, `(1 - w) * EM + w * format`, with every answer
+well formatted.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import random
 from collections import defaultdict
 from pathlib import Path
 
@@ -124,7 +123,6 @@ def main(argv: list[str] | None = None) -> dict:
              *read_items(world / "posttrain" / "reason_eval.jsonl", args.limit)]
     if not items:
         p.error(f"--data {world}: no posttrain/grpo_eval.jsonl or reason_eval.jsonl (see data.synth_posttrain)")
-    random.seed(args.seed)
     torch.manual_seed(args.seed)
     model, tokenizer, _ = load_init(args.init)
     result = headroom(model, tokenizer, items, args.samples, args.temperature, args.seed)
