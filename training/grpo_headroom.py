@@ -31,7 +31,7 @@ import torch
 
 from data.synth_posttrain import passage_options, question_kind
 from training.evaluate import normalize_answer
-from training.posttrain_pipeline import generate_texts, load_init, read_items
+from training.posttrain_pipeline import generate_texts, grpo_heldout_items, load_init
 from training.rewards import answer_reward, extract_answer, format_reward
 
 
@@ -119,8 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.samples < 1 or args.temperature <= 0:
         p.error("--samples must be >= 1 and --temperature > 0")
     world = Path(args.data)
-    items = [*read_items(world / "posttrain" / "grpo_eval.jsonl", args.limit),
-             *read_items(world / "posttrain" / "reason_eval.jsonl", args.limit)]
+    items = grpo_heldout_items(world, args.limit)
     if not items:
         p.error(f"--data {world}: no posttrain/grpo_eval.jsonl or reason_eval.jsonl (see data.synth_posttrain)")
     torch.manual_seed(args.seed)

@@ -175,6 +175,14 @@ def read_items(path: Path, limit: int | None) -> list[dict]:
     return read_jsonl(path, limit) if path.is_file() else []
 
 
+def grpo_heldout_items(world: Path, limit: int | None) -> list[dict]:
+    """The verifiable questions GRPO is scored on: both held-out files it never trains on (400 at tiny).
+    One GRPO model (seed 42, 2026-12-05) gained +6.4 pts on grpo_eval and -2.8 on reason_eval; whether a
+    lookup is right is much luck of which sentence gets copied, so one file alone misleads."""
+    return [*read_items(world / "posttrain" / "grpo_eval.jsonl", limit),
+            *read_items(world / "posttrain" / "reason_eval.jsonl", limit)]
+
+
 def generate_texts(model, tokenizer, items: list[dict], max_new_tokens: int = 48, temperature: float = 0.0,
                    seed: int = 0) -> list[str]:
     from training.evaluate import generate_answers
@@ -356,10 +364,7 @@ def posttrain_grpo(out: Path, world: Path, preset: str, start: Path, limit: int)
     folder = out / "grpo"
     t = _run(folder, "model.safetensors", lambda: grpo_main(["--data", str(world), "--init", str(start), "--out", str(folder),
                                                              "--preset", preset]))
-    # Both held-out files GRPO never trains on (400 tiny questions): one GRPO model (seed 42, 2026-12-05) gained +6.4 pts
-    # on grpo_eval and -2.8 on reason_eval; whether a lookup is right is much luck of which sentence gets copied.
-    items = [*read_items(world / "posttrain" / "grpo_eval.jsonl", limit),
-             *read_items(world / "posttrain" / "reason_eval.jsonl", limit)]
+    items = grpo_heldout_items(world, limit)
     start_model, after_model = load_init(start)[:2], load_init(folder)[:2]
     before, after = reasoning_scores(*start_model, items), reasoning_scores(*after_model, items)
     # Greedy answers are what a user gets, so they give the headline gain. GRPO maximises the mean reward
