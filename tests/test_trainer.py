@@ -285,17 +285,3 @@ def test_custom_loss_and_count(tmp_path):
     assert summary["final_loss"] < 0.05 * summary["first_loss"]
     rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert "mse" in rows[-1] and (tmp_path / "done.pt").is_file() and (tmp_path / "loss.png").is_file()
-
-
-def test_a_preset_turns_compile_on_and_the_command_line_turns_it_off():
-    from training.lm_stage import add_pack_args, build_parser, parse_with_preset
-
-    def parse(*flags: str):
-        parser = build_parser("pretrain", "test")
-        add_pack_args(parser)
-        return parse_with_preset(parser, "pretrain", ["--data", "w", "--out", "o", *flags])[0]
-
-    tiny, micro = parse("--preset", "tiny"), parse("--preset", "micro")
-    assert (tiny.compile, tiny.dtype) == (True, "fast") and (micro.compile, micro.dtype) == (False, "auto")
-    assert parse("--preset", "tiny", "--no-compile", "--dtype", "fp32").compile is False
-    assert parse("--preset", "micro", "--compile").compile is True

@@ -35,9 +35,8 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--ema-decay", type=float, default=0.0,
                    help="save an exponential moving average of the trained weights with this decay (0: off)")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the model's decoder blocks (a one-off compile, then faster steps; "
-                        "--no-compile where a preset turns it on)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model's decoder blocks (a one-off compile, then faster steps)")
     g.add_argument("--wandb", metavar="PROJECT", help="also log to this Weights & Biases project")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
     return p

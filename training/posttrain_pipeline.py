@@ -93,7 +93,7 @@ STAGE_DEFAULTS: dict[str, dict[str, dict]] = {
         # "|" points at it) 0.47 with arithmetic unchanged: its two-step sums copy the right operator (21 vs 16 of 40 right)
         # but miss one-digit facts ("8 + 7 = 14"), and it lost as many one-step sums; 8000 traces instead of 2000 0.37,
         # 800 steps instead of 1200 0.37.
-        "reason": dict(max_steps=1200, batch_size=16, lr=1e-3, warmup_steps=20, dtype="fast", compile=True),
+        "reason": dict(max_steps=1200, batch_size=16, lr=1e-3, warmup_steps=20),
         # grpo (seed 42, 2026-12-04, reward gain on held-out questions): this 30 x 4 prompts -0.4 pts; 150 x 4 at
         # lr 1e-4 / 3e-4 -2.0 / -5.4; 30 x 16 at lr 2e-5 / 6e-5 -0.4 / -0.5; 62 x 16 (one epoch) -1.7. On 8 fixed
         # prompts the training reward climbs 0.16 -> 0.88 in 25 steps: the updates work, but they learn those

@@ -33,20 +33,14 @@ PRESETS: dict[str, dict] = {
         # pack_len 128: documents (pretrain <= 82 tokens, SFT <= 141) in rows of 128 instead of 256, since
         # a packed row's attention costs its whole width squared: `python bench/bench_lm_step.py` gives
         # 173.6 -> 162.1 ms a pretrain step and 217.6 -> 202.8 ms an SFT step
-        # dtype fast + compile: bf16 autocast where the CPU has bf16 kernels (fp32 elsewhere) with the decoder
-        # blocks compiled; bf16 alone is no faster for this LM (its casts and small element-wise ops eat the
-        # gain), compiled it is: `python bench/bench_lm_step.py` 1.46x / 1.48x (pretrain / SFT) on a fast day,
-        # 1.39x / 1.17x on a slow one (2026-12-07: 185.7 -> 133.6 and 187.5 -> 159.8 ms); 400 pretrain steps
-        # of the stage 3914 -> 5083 tokens/s, the one-off compile included in 80 s against 83 s.
-        "pretrain": dict(max_steps=4000, batch_size=16, lr=2e-3, warmup_steps=60, pack=1, pack_len=128, dtype="fast",
-                         compile=True),
+        "pretrain": dict(max_steps=4000, batch_size=16, lr=2e-3, warmup_steps=60, pack=1, pack_len=128),
         # replay: pretrain documents keep the facts alive through SFT, but too many cost reading: on the
         # 4000-step models, 0.3 vs 0.5 gave context-QA EM 0.795 vs 0.74 and 0.825 vs 0.75 at equal
         # closed-book EM (0.625 vs 0.617, 0.775 vs 0.783). With the drawn corpus (seed 42, one pretrained
         # model): 0.3 -> closed 0.833, context 0.845; 0.15 -> 0.817, 0.825; 0.1 -> 0.683, 0.83. 0.15 reads
         # 9% fewer tokens than 0.3.
         "sft": dict(max_steps=2000, batch_size=16, lr=1e-3, warmup_steps=30, replay_pretrain=0.15, pack=1,
-                    pack_len=128, dtype="fast", compile=True),
+                    pack_len=128),
         "eval_limit": 200,
         "vqa_limit": 600,  # all held-out questions (300 images x 2); the first 300 alone put text at 0.24 where all 600 give 0.41
     },
